@@ -1,0 +1,148 @@
+"""`lrfast demo | find | bench | info` on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from lrfast import schedule
+from lrfast import suggest as _suggest
+
+
+def _range_options(p: argparse.ArgumentParser, min_lr: float, max_lr: float, optimizer: str) -> None:
+    p.add_argument("--optimizer", default=optimizer, choices=["sgd", "adam", "adamw"], help="(default %(default)s)")
+    p.add_argument("--min-lr", type=float, default=min_lr, help="first LR of the sweep (default %(default)g)")
+    p.add_argument("--max-lr", type=float, default=max_lr, help="last LR of the sweep (default %(default)g)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default %(default)s)")
+    p.add_argument("--mode", default="exp", choices=schedule.MODES, help="LR schedule (default %(default)s)")
+    p.add_argument("--smooth", type=float, default=0.98, help="EMA factor of the loss (default %(default)s)")
+    p.add_argument("--early-stop-threshold", type=float, default=4.0,
+                   help="stop when the smoothed loss exceeds this x the best (default %(default)s; 0: never)")
+    p.add_argument("--suggestion", default="valley", choices=list(_suggest.METHODS),
+                   help="suggestion method (default %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: where the model is)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every RNG during the run (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrfast", description="A learning-rate range test fast enough to be free.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="LeNet-5 + Adam on bundled digits (28x28): the seed workload, in seconds")
+    demo.add_argument("--data", default=None, help="folder with (Fashion-)MNIST IDX files to use instead")
+    demo.add_argument("--out", default=".", help="where lr_find.png and lr_find.json go (default: current folder)")
+    demo.add_argument("--batch-size", type=int, default=64, help="(default %(default)s)")
+    _range_options(demo, 1e-8, 1.0, "adam")
+
+    find = sub.add_parser("find", help="range test of your model: MODULE:FUNCTION returns (model, loader)",
+                          description="Range test of a model given as MODULE:FUNCTION, a function of no arguments "
+                          "returning (model, loader), (model, loader, loss_fn) or a dict with keys model, loader "
+                          "and optionally loss_fn / optimizer. The options are those of lrfast.find.")  # fmt: skip
+    find.add_argument("target", help="MODULE:FUNCTION (the module importable from the current folder)")
+    find.add_argument("--out", default=None, help="write lr_find.png and lr_find.json into this folder")
+    _range_options(find, 1e-7, 10.0, "adamw")
+
+    bench = sub.add_parser("bench", help="benchmarks side by side with the peers (needs a checkout of the repo)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
+
+    sub.add_parser("info", help="which backends are live, and why any is not")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        from lrfast import info
+
+        print(json.dumps(info(), indent=1))
+        return 0
+    if args.command == "bench":
+        return _bench(args.args)
+    if args.command == "demo":
+        model, loader, loss_fn, optimizer, out = *_demo_workload(args), args.out
+    else:
+        model, loader, loss_fn, optimizer = _load_target(args.target)
+        out = args.out
+    return _run(args, model, loader, loss_fn, optimizer or args.optimizer, out)
+
+
+def _demo_workload(args):
+    from lrfast import data
+
+    dataset = data.fashion_mnist(args.data) if args.data else data.digits(image_size=28)
+    torch_seed(args.seed)
+    return data.lenet5(), data.loader(dataset, batch_size=args.batch_size, seed=args.seed), None, None
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)  # the demo model's init: the same demo prints the same numbers
+
+
+def _load_target(target: str):
+    module_name, sep, func_name = target.partition(":")
+    if not sep or not module_name or not func_name:
+        raise SystemExit(f"lrfast find: target {target!r} must be MODULE:FUNCTION, e.g. mytrain:make_model")
+    sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"lrfast find: cannot load {target!r}: {e}") from e
+    made = fn()
+    if isinstance(made, dict):
+        return made["model"], made["loader"], made.get("loss_fn"), made.get("optimizer")
+    if isinstance(made, (tuple, list)) and len(made) in (2, 3):
+        return made[0], made[1], (made[2] if len(made) == 3 else None), None
+    raise SystemExit(f"lrfast find: {target} returned {type(made).__name__}; return (model, loader[, loss_fn]) or "
+                     "a dict with model, loader[, loss_fn, optimizer]")  # fmt: skip
+
+
+def _run(args, model, loader, loss_fn, optimizer, out) -> int:
+    import lrfast
+
+    if out is not None and not os.path.isdir(out):
+        raise SystemExit(f"lrfast: --out {out!r} is not a folder; create it or pass an existing one")
+    if out is not None and not os.access(out, os.W_OK):
+        raise SystemExit(f"lrfast: --out {out!r} is not writable; pass a folder you can write to")
+    result = lrfast.find(
+        model, loader, optimizer=optimizer, loss_fn=loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
+        steps=args.steps, mode=args.mode, smooth=args.smooth,
+        early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
+        seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    t = result.timings
+    print(f"suggested LR ({result.method}): {_fmt(result.suggestion)}")
+    others = ", ".join(f"{m} {_fmt(v)}" for m, v in result.suggestions().items() if m != result.method)
+    print(f"other methods: {others}")
+    print(f"steps run: {result.steps_run}/{args.steps}  time: total {t['total']:.2f} s (setup {t['setup']:.2f} s, "
+          f"steps {t['steps']:.2f} s, {1e3 * t['steps'] / max(result.steps_run, 1):.2f} ms/step)  "
+          f"optimizer: {result.info['optimizer']} ({result.info['optimizer_path']})")  # fmt: skip
+    if out is not None:
+        png, js = os.path.join(out, "lr_find.png"), os.path.join(out, "lr_find.json")
+        result.plot(png)
+        result.to_json(js)
+        print(f"wrote {png} and {js}")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "none" if x is None else f"{x:.3g}"
+
+
+def _bench(argv: list[str]) -> int:
+    sys.path.insert(0, os.getcwd())
+    try:
+        from benchmarks import compare
+    except ImportError as e:
+        raise SystemExit(f"lrfast bench: the benchmark suite ships with the repository, not the package ({e}); run "
+                         "it from a checkout: cd lrfast && lrfast bench") from e  # fmt: skip
+    return compare.main(argv) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""S steps of the range test. The LR comes from the table [S, K], losses go into a device buffer [K, S], and the
+smoothed loss, best loss and alive mask are kept on the device; the host reads the alive mask every
+`check_every` steps only, and stops when every candidate has diverged."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lrfast import optimizers
+from lrfast.engine.arena import Arena
+
+
+class Tracker:
+    """Debiased EMA of the loss (fastai / Lightning): avg = b*avg + (1-b)*loss, smoothed = avg / (1 - b^n).
+    A candidate stops at the step where its smoothed loss exceeds threshold x its best smoothed loss, or is not
+    finite; that step is recorded, later ones are NaN."""
+
+    def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.losses = torch.full((k, steps), math.nan, **f64)
+        self.smoothed = torch.full((k, steps), math.nan, **f64)
+        self.avg = torch.zeros(k, **f64)
+        self.best = torch.full((k,), math.inf, **f64)
+        self.alive = torch.ones(k, dtype=torch.bool, device=device)
+        self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
+        self.beta, self.threshold = smooth, threshold
+        self._nan = torch.tensor(math.nan, **f64)
+
+    def record(self, t: int, loss: torch.Tensor) -> None:
+        b, alive = self.beta, self.alive
+        loss = loss.to(torch.float64)
+        self.avg = torch.where(alive, self.avg * b + (1.0 - b) * loss, self.avg)
+        smoothed = self.avg / (1.0 - b ** (t + 1))
+        self.losses[:, t] = torch.where(alive, loss, self._nan)
+        self.smoothed[:, t] = torch.where(alive, smoothed, self._nan)
+        self.best = torch.where(alive, torch.fmin(self.best, smoothed), self.best)
+        bad = ~torch.isfinite(smoothed)
+        if self.threshold is not None:
+            bad |= smoothed > self.threshold * self.best
+        diverged = alive & bad
+        self.steps_run = torch.where(diverged, t + 1, self.steps_run)
+        self.alive = alive & ~diverged
+
+
+def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
+        bar=None, check_every: int = 1) -> int:  # fmt: skip
+    """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
+    stopped). lr_table is [S, K] float64 on the device."""
+    steps = lr_table.shape[0]
+    for t in range(steps):
+        loss = step(splits[t])
+        tracker.record(t, loss)
+        if (t + 1) % check_every == 0 or t + 1 == steps:
+            if not bool(tracker.alive.any()):
+                if bar is not None:
+                    bar.update(1)
+                return int(tracker.steps_run.max())
+        if plan.kind == "generic":
+            optimizers.set_lr(plan, float(lr_table[t, 0]))
+            plan.generic.step()
+        else:
+            lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
+            arena.update(lr, t + 1)
+        if bar is not None:
+            bar.update(1)
+    return steps

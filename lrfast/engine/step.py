@@ -1,0 +1,75 @@
+"""One training step's forward and backward. K = 1: the model itself, its parameters pointing into the arena's
+row 0 and its .grad into the arena's flat grad buffer, so backward accumulates straight into the buffer the fused
+kernel reads (no gather, no copy)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lrfast.batches import Split, resolve_loss
+from lrfast.engine.arena import Arena
+
+
+class ModuleStep:
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn):
+        self.model, self.arena, self.user_loss_fn = model, arena, loss_fn
+        self.loss_f = None
+        self.loss_desc = ""
+        self.copy_grads = False  # set when autograd did not accumulate into the preset .grad views
+
+    def __call__(self, split: Split) -> torch.Tensor:
+        """Zero grads, forward, loss, backward; returns the detached loss as a [1] tensor."""
+        self.arena.zero_grad()
+        out = self.model(*split.args, **split.kwargs)
+        if self.loss_f is None:
+            return self._first(out, split)
+        loss = self.loss_f(out, split)
+        loss.backward()
+        if self.copy_grads:
+            self._copy_grads()
+        return loss.detach().reshape(1)
+
+    def _first(self, out, split: Split) -> torch.Tensor:
+        """The first step, checked: a usable loss that is a finite scalar, grads landing in the arena."""
+        self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+        try:
+            loss = self.loss_f(out, split)
+        except (IndexError, RuntimeError) as e:
+            if self.user_loss_fn is not None:
+                raise
+            raise ValueError(
+                f"loss_fn=None: the default loss ({self.loss_desc}) failed on the first batch: {e}; fix the targets "
+                "(class indices must lie in [0, classes)) or pass loss_fn=..."
+            ) from e
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn: the loss must be a scalar tensor, got {shape}; reduce it (e.g. .mean()) or use a loss "
+                "with reduction='mean'"
+            )
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the loss is {value} at the first step, before any update: the model or the data is broken (not "
+                "the learning rate); check the inputs for NaN/inf and the model's initialization"
+            )
+        loss.backward()
+        for seg in self.arena.segments:
+            for p, view in zip(seg.params, seg.views(seg.g, 0)):
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    self.copy_grads = True
+        if self.copy_grads:
+            self._copy_grads()
+        return loss.detach().reshape(1)
+
+    def _copy_grads(self) -> None:
+        for seg in self.arena.segments:
+            for p, view in zip(seg.params, seg.views(seg.g, 0)):
+                if p.grad is None:
+                    view.zero_()
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+                    p.grad = view

@@ -1,0 +1,138 @@
+"""What to train with: an optimizer name, a torch.optim.Optimizer on the model's parameters, or a factory
+params -> Optimizer, resolved into param groups with hyper-parameters. SGD / Adam / AdamW take the fused kernels;
+every other optimizer (or a flag the kernels do not implement) runs through torch.optim itself."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lrfast.kernels.reference import AdamParams, SGDParams
+
+NAMES = ("sgd", "adam", "adamw")
+
+
+@dataclass
+class Group:
+    """One param group: its trainable parameters, the fused kernel's hyper-parameters (None on the generic path)
+    and its LR relative to the largest group's (the sweep scales every group by the same factor)."""
+
+    params: list[nn.Parameter]
+    hp: SGDParams | AdamParams | None
+    lr_scale: float = 1.0
+
+
+@dataclass
+class Plan:
+    kind: str  # "sgd" | "adam" (Adam and AdamW) | "generic"
+    groups: list[Group]
+    optimizer_class: str
+    generic: torch.optim.Optimizer | None = None  # the private optimizer the generic path steps
+    scales: list[float] = field(default_factory=list)  # per param group of `generic`
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve(optimizer, model: nn.Module) -> Plan:
+    """Validate `optimizer` against `model` and plan the run. Never touches a user's optimizer's state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "model has no trainable parameters (every parameter has requires_grad=False); unfreeze the layers "
+            "to train (p.requires_grad_(True)) before the range test"
+        )
+    if isinstance(optimizer, str):
+        name = optimizer.lower()
+        if name not in NAMES:
+            raise ValueError(
+                f"optimizer={optimizer!r} is not a known name; use one of: {', '.join(NAMES)}, a torch.optim.Optimizer "
+                "built on the model's parameters, or a callable params -> Optimizer"
+            )
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+        opt = cls(trainable, lr=1.0)  # lr is the sweep's; torch defaults for the rest
+        return _plan(opt, model, owned=True)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return _plan(optimizer, model, owned=False)
+    if callable(optimizer):
+        opt = optimizer(trainable)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer: the callable returned {type(opt).__name__}, not a torch.optim.Optimizer; pass a "
+                "callable like lambda params: torch.optim.AdamW(params, weight_decay=0.1)"
+            )
+        return _plan(opt, model, owned=True)
+    raise TypeError(
+        f"optimizer={type(optimizer).__name__} is not supported; pass a name ({', '.join(NAMES)}), a "
+        "torch.optim.Optimizer on the model's parameters, or a callable params -> Optimizer"
+    )
+
+
+def _plan(opt: torch.optim.Optimizer, model: nn.Module, owned: bool) -> Plan:
+    model_params = {id(p) for p in model.parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) not in model_params:
+                raise ValueError(
+                    f"optimizer holds a parameter of shape {tuple(p.shape)} that is not one of the model's; build "
+                    "the optimizer on model.parameters() (or pass a callable params -> Optimizer)"
+                )
+    groups_lr = [float(g["lr"]) for g in opt.param_groups]
+    top = max(groups_lr)
+    scales = [lr / top if top > 0 else 1.0 for lr in groups_lr]
+    kind, hps, why = _fused_kind(opt)
+    groups = []
+    for g, hp, scale in zip(opt.param_groups, hps, scales):
+        params = [p for p in g["params"] if p.requires_grad]
+        if params:
+            groups.append(Group(params, hp, scale))
+    if not groups:
+        raise ValueError(
+            "optimizer: none of its parameters is trainable (requires_grad=False everywhere); unfreeze the layers "
+            "to train before the range test"
+        )
+    plan = Plan(kind, groups, type(opt).__name__, scales=scales)
+    if kind == "generic":
+        plan.notes.append(f"{type(opt).__name__}: generic torch.optim path ({why}); correct, slower than fused")
+        plan.generic = opt if owned else _fresh_copy(opt, plan.notes)
+    return plan
+
+
+def _fused_kind(opt: torch.optim.Optimizer) -> tuple[str, list, str]:
+    """("sgd" | "adam", one hp per group, "") when the fused kernels implement every group, else ("generic", ...)."""
+    cls = type(opt)
+    hps = []
+    for g in opt.param_groups:
+        if g.get("maximize") or g.get("differentiable"):
+            return "generic", [None] * len(opt.param_groups), "maximize/differentiable not in the fused kernels"
+        if cls is torch.optim.SGD:
+            hps.append(SGDParams(float(g["momentum"]), float(g["dampening"]), bool(g["nesterov"]),
+                                 float(g["weight_decay"])))  # fmt: skip
+        elif cls in (torch.optim.Adam, torch.optim.AdamW):
+            if g.get("amsgrad"):
+                return "generic", [None] * len(opt.param_groups), "amsgrad not in the fused kernels"
+            decoupled = cls is torch.optim.AdamW or bool(g.get("decoupled_weight_decay", False))
+            b1, b2 = g["betas"]
+            hps.append(AdamParams(float(b1), float(b2), float(g["eps"]), float(g["weight_decay"]), decoupled))
+        else:
+            return "generic", [None] * len(opt.param_groups), "no fused kernel for this class"
+    return ("sgd" if cls is torch.optim.SGD else "adam"), hps, ""
+
+
+def _fresh_copy(opt: torch.optim.Optimizer, notes: list[str]) -> torch.optim.Optimizer:
+    """A new optimizer of the user's class over the same parameters and groups, with fresh state: the user's own
+    instance and its state are never stepped."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])} for g in opt.param_groups]
+    try:
+        return type(opt)(groups, **opt.defaults)
+    except TypeError:
+        # A class whose constructor does not take its defaults back: copy it, keeping the parameters themselves.
+        notes.append(f"{type(opt).__name__}(groups, **defaults) failed: a deep copy runs, starting from its state")
+        return copy.deepcopy(opt, memo={id(p): p for g in opt.param_groups for p in g["params"]})
+
+
+def set_lr(plan: Plan, lr: float) -> None:
+    """Generic path: the sweep's LR for this step, every group scaled by its ratio."""
+    for g, scale in zip(plan.generic.param_groups, plan.scales):
+        g["lr"] = lr * scale

@@ -1,0 +1,139 @@
+"""LRFindResult: the curves of a range test ([K, S] arrays, NaN where a candidate did not run), its suggestion,
+timings and notes, with JSON round-trip and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lrfast import suggest as _suggest
+
+SCHEMA = "lrfast.LRFindResult"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LRFindResult:
+    lrs: np.ndarray  # [K, S] learning rate of candidate k at step t (the largest param group's)
+    losses: np.ndarray  # [K, S] raw training loss, NaN where not run
+    smoothed: np.ndarray  # [K, S] debiased-EMA loss, NaN where not run
+    steps_run: int
+    method: str = "valley"
+    timings: dict = field(default_factory=dict)  # seconds: setup, steps, total
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.lrs, self.losses, self.smoothed = (np.asarray(a, dtype=np.float64) for a in
+                                                (self.lrs, self.losses, self.smoothed))  # fmt: skip
+        if self.lrs.ndim == 1:
+            self.lrs, self.losses, self.smoothed = self.lrs[None], self.losses[None], self.smoothed[None]
+        if not (self.lrs.shape == self.losses.shape == self.smoothed.shape):
+            raise ValueError(
+                f"lrs, losses and smoothed must have one shape [K, S]; got {self.lrs.shape}, {self.losses.shape}, "
+                f"{self.smoothed.shape}"
+            )
+        if self.method not in _suggest.METHODS:
+            raise ValueError(f"suggestion={self.method!r} is not a method; use one of: {', '.join(_suggest.METHODS)}")
+
+    @property
+    def k(self) -> int:
+        return self.lrs.shape[0]
+
+    @property
+    def suggestion(self) -> float | None:
+        """The suggested LR by `method` (as the peer that defined it computes it), None when it has none."""
+        return self.suggest(self.method)
+
+    def suggest(self, method: str | None = None, k: int = 0) -> float | None:
+        """Candidate k's suggestion by `method` (steepest, steepest_log, torch_lr_finder, valley, slide, minimum,
+        steep) on the smoothed curve of the steps it ran."""
+        return _suggest.suggest(method or self.method, self.lrs[k], self.smoothed[k])
+
+    def suggestions(self, k: int = 0) -> dict[str, float | None]:
+        return _suggest.all_methods(self.lrs[k], self.smoothed[k])
+
+    def plot(self, path: str | os.PathLike | None = None, ax=None, **kwargs):
+        """Log-x loss curve with the suggestion marked; returns the matplotlib Axes. Writes `path` if given."""
+        from lrfast.plot import plot_result
+
+        return plot_result(self, path=path, ax=ax, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "method": self.method,
+            "suggestion": self.suggestion,
+            "steps_run": int(self.steps_run),
+            "lrs": _nan_to_none(self.lrs),
+            "losses": _nan_to_none(self.losses),
+            "smoothed": _nan_to_none(self.smoothed),
+            "timings": self.timings,
+            "info": self.info,
+        }
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the result as JSON, atomically (a temp file in the same folder, then rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".lrfast-", suffix=".json.tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1, default=_jsonable)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> LRFindResult:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"from_json({os.fspath(path)!r}): not valid JSON ({e}); pass a file written by "
+                             "LRFindResult.to_json") from e  # fmt: skip
+        return cls.from_dict(d, source=os.fspath(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "dict") -> LRFindResult:
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise ValueError(f"from_json({source!r}): not an lrfast result (schema != {SCHEMA!r}); pass a file "
+                             "written by LRFindResult.to_json")  # fmt: skip
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"from_json({source!r}): schema_version {d.get('schema_version')!r}, this lrfast reads "
+                             f"{SCHEMA_VERSION}; re-run the range test or use the lrfast that wrote it")  # fmt: skip
+        missing = [key for key in ("lrs", "losses", "smoothed", "steps_run") if key not in d]
+        if missing:
+            raise ValueError(f"from_json({source!r}): missing field(s) {', '.join(missing)}; the file is truncated "
+                             "or was edited")  # fmt: skip
+        arrays = [np.array(_none_to_nan(d[key]), dtype=np.float64) for key in ("lrs", "losses", "smoothed")]
+        return cls(*arrays, steps_run=int(d["steps_run"]), method=d.get("method", "valley"),
+                   timings=d.get("timings", {}), info=d.get("info", {}))  # fmt: skip
+
+    def __repr__(self) -> str:
+        s = self.suggestion
+        sug = "None" if s is None else f"{s:.3g}"
+        return (f"LRFindResult(suggestion={sug} ({self.method}), candidates={self.k}, steps_run={self.steps_run}, "
+                f"total={self.timings.get('total', float('nan')):.2f}s)")  # fmt: skip
+
+
+def _nan_to_none(a: np.ndarray) -> list:
+    """JSON has no NaN/inf: NaN (not run) -> null, +-inf -> "inf" / "-inf"."""
+    return [[None if math.isnan(x) else (x if math.isfinite(x) else str(x)) for x in row] for row in a.tolist()]
+
+
+def _none_to_nan(rows) -> list:
+    return [[math.nan if x is None else float(x) for x in row] for row in rows]
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)

@@ -1,0 +1,66 @@
+"""Snapshot and restore of everything of the user's that a range test could change: parameters, grads, buffers,
+training flags and the torch / CUDA / numpy / python RNG states. Restored in a `finally`, so an exception or
+Ctrl-C leaves them bitwise as they were.
+
+Nothing is copied back: during the run the model's parameters point into the arena and its buffers into private
+clones; restoring points them back at the original tensors, which were never written."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class Snapshot:
+    def __init__(self, model: nn.Module):
+        self.params = [(p, p.data, p.grad) for p in model.parameters()]
+        self.buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.rng = capture_rng()
+
+    def lend(self, segments, device: torch.device) -> None:
+        """Point the model at candidate 0 of the arena: parameters and grads become views of its flat buffers,
+        other parameters' grads start empty, and buffers (BatchNorm running stats...) become private clones."""
+        for p, _, _ in self.params:
+            p.grad = None
+        for seg in segments:
+            for p, data, grad in zip(seg.params, seg.views(seg.p, 0), seg.views(seg.g, 0)):
+                p.data = data
+                p.grad = grad
+        for m, name, b in self.buffers:
+            m._buffers[name] = b.detach().to(device, copy=True)
+
+    def restore(self) -> None:
+        for m, flag in self.training:
+            m.training = flag
+        for p, data, grad in self.params:
+            p.grad = None
+            p.data = data
+            p.grad = grad
+        for m, name, b in self.buffers:
+            m._buffers[name] = b
+        restore_rng(self.rng)

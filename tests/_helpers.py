@@ -1,0 +1,55 @@
+"""Small models, batches and state comparisons shared by the tests."""
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_mlp(seed: int = 0, dropout: float = 0.0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, 16)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)]
+    return nn.Sequential(*layers)
+
+
+def make_batches(n: int = 6, batch: int = 16, seed: int = 1, classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 8, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+
+
+def state_of(model: nn.Module) -> dict:
+    """Everything of a model that find() must leave bitwise as it was."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+        "ids": [id(p) for p in model.parameters()],
+        "ptrs": [p.data_ptr() for p in model.parameters()],
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["ids"] == b["ids"] and a["ptrs"] == b["ptrs"] and a["training"] == b["training"]
+    for key in ("params", "buffers"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), f"{key} {n} changed"
+    for n in a["grads"]:
+        ga, gb = a["grads"][n], b["grads"][n]
+        assert (ga is None) == (gb is None) and (ga is None or torch.equal(ga, gb)), f"grad {n} changed"
+
+
+def rng_states():
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def assert_same_rng(a, b) -> None:
+    assert torch.equal(a[0], b[0])
+    assert a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1]) and a[1][2:] == b[1][2:]
+    assert a[2] == b[2]
+

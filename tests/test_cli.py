@@ -1,0 +1,61 @@
+"""`lrfast demo`, `lrfast find` and `lrfast info` on the command line."""
+
+import json
+import textwrap
+
+import pytest
+
+from lrfast import LRFindResult
+from lrfast.cli import main
+
+
+def test_demo_prints_suggestion_and_writes_png_and_json(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--steps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested LR (valley)" in out and "ms/step" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_find.json", "lr_find.png"]
+    res = LRFindResult.from_json(tmp_path / "lr_find.json")
+    assert res.lrs[0, 0] == 1e-8 and res.lrs[0, -1] == 1.0 and res.info["optimizer"] == "Adam"
+
+
+def test_find_runs_a_model_given_as_module_function(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mytrain.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            torch.manual_seed(0)
+            batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+            return nn.Linear(4, 2), batches
+    """))
+    monkeypatch.chdir(tmp_path)
+    assert main(["find", "mytrain:make", "--steps", "20", "--optimizer", "sgd", "--no-progress"]) == 0
+    assert "suggested LR" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".pyc" and p.name != "__pycache__") == [
+        "mytrain.py"
+    ]
+
+
+def test_find_help_documents_the_options_of_the_python_call(capsys):
+    with pytest.raises(SystemExit):
+        main(["find", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--optimizer", "--min-lr", "--max-lr", "--steps", "--mode", "--smooth", "--early-stop-threshold",
+                   "--suggestion", "--device", "--seed", "--no-progress", "--out"):  # fmt: skip
+        assert option in text
+
+
+@pytest.mark.parametrize("target", ["nocolon", "nosuchmodule_xyz:make"])
+def test_find_with_a_bad_target_exits_with_a_message(target):
+    with pytest.raises(SystemExit, match="MODULE:FUNCTION|cannot load"):
+        main(["find", target])
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--out"):
+        main(["demo", "--out", str(tmp_path / "missing"), "--no-progress"])
+
+
+def test_info_prints_backends(capsys):
+    assert main(["info"]) == 0
+    assert "cpu_kernels" in json.loads(capsys.readouterr().out)
