@@ -140,8 +140,8 @@ def _resolve_device(model: nn.Module, device) -> torch.device:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
     if device != model_device:
         raise ValueError(
-            f"device={str(device)!r} but the model is on {model_device}; move the model first (model.to({str(device)!r}))"
-            " or pass device=None to run where the model is"
+            f"device={str(device)!r} but the model is on {model_device}; move the model first "
+            f"(model.to({str(device)!r})) or pass device=None to run where the model is"
         )
     return device
 

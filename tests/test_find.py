@@ -65,8 +65,9 @@ def test_param_groups_keep_their_lr_ratio_and_weight_decay():
     reference = copy.deepcopy(model)
 
     def groups(m):
-        return torch.optim.AdamW([{"params": m[0].parameters(), "lr": 1e-3, "weight_decay": 0.0},
-                                  {"params": m[3].parameters(), "lr": 4e-3, "weight_decay": 0.1}], foreach=False)  # fmt: skip
+        first = {"params": m[0].parameters(), "lr": 1e-3, "weight_decay": 0.0}
+        last = {"params": m[3].parameters(), "lr": 4e-3, "weight_decay": 0.1}
+        return torch.optim.AdamW([first, last], foreach=False)
 
     res = lrfast.find(model, batches, optimizer=groups(model), min_lr=1e-4, max_lr=1e-2, steps=20,
                       early_stop_threshold=None, progress=False)  # fmt: skip
