@@ -1,0 +1,1 @@
+"""Benchmarks of lrfast against its peers; results under benchmarks/results/<device>/."""
