@@ -12,7 +12,13 @@ from torch import nn
 
 from lrfast.kernels.reference import AdamParams, SGDParams
 
-NAMES = ("sgd", "adam", "adamw")
+NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+# torch.optim's defaults for each name (tests/test_find.py checks them against torch.optim itself)
+DEFAULTS = {
+    "sgd": ("sgd", SGDParams(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)),
+    "adam": ("adam", AdamParams(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False)),
+    "adamw": ("adam", AdamParams(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True)),
+}
 
 
 @dataclass
@@ -50,9 +56,9 @@ def resolve(optimizer, model: nn.Module) -> Plan:
                 f"optimizer={optimizer!r} is not a known name; use one of: {', '.join(NAMES)}, a torch.optim.Optimizer "
                 "built on the model's parameters, or a callable params -> Optimizer"
             )
-        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-        opt = cls(trainable, lr=1.0)  # lr is the sweep's; torch defaults for the rest
-        return _plan(opt, model, owned=True)
+        # No torch.optim instance here: the first one in a process imports torch._dynamo (~1.7 s on 2 cores).
+        kind, hp = DEFAULTS[name]
+        return Plan(kind, [Group(trainable, hp)], NAMES[name], scales=[1.0])
     if isinstance(optimizer, torch.optim.Optimizer):
         return _plan(optimizer, model, owned=False)
     if callable(optimizer):

@@ -59,6 +59,18 @@ def test_k1_curve_equals_plain_eager_loop(name):
     assert res.info["optimizer_path"].startswith(expected_path)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizer_names_use_torch_optim_defaults(name):
+    from lrfast import optimizers
+
+    model = make_mlp()
+    by_name = optimizers.resolve(name, model)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    by_instance = optimizers.resolve(cls(model.parameters()), model)
+    assert (by_name.kind, by_name.optimizer_class) == (by_instance.kind, by_instance.optimizer_class)
+    assert [g.hp for g in by_name.groups] == [g.hp for g in by_instance.groups]
+
+
 def test_param_groups_keep_their_lr_ratio_and_weight_decay():
     batches = make_batches()
     model = make_mlp()
