@@ -1,0 +1,120 @@
+"""Fused CPU optimizer steps over K candidates: lrfast._C (csrc/fused_optim.cpp) when it is built, else the
+plain-torch spec in lrfast/kernels/reference.py, with the same contract (see that module's docstring):
+
+    p, g, m, v, buf: [K, N] tensors, row k = candidate k; lr: float64 CPU [K]; lr[k] == 0 freezes candidate k
+    (its p, buf, m, v are left bitwise unchanged); step: 1-based; g is never written.
+
+fp32, CPU, contiguous tensors go to the C++ kernels; anything else valid (fp64, CUDA) runs the reference;
+anything invalid raises TypeError / ValueError naming the argument (reference.check_args). The C++ result equals
+torch.optim(foreach=False) within fp32 rounding (tests/test_kernels_cpu.py states the measured error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrfast.kernels import reference
+from lrfast.kernels.reference import AdamParams, SGDParams
+
+__all__ = ["BACKEND", "WHY", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
+
+try:
+    from lrfast import _C
+except ImportError as e:  # built with LRFAST_BUILD_EXT=0, or no compiler at install time
+    _C = None
+    if isinstance(e, ModuleNotFoundError) and e.name == "lrfast._C":
+        WHY: str | None = "lrfast._C not built (LRFAST_BUILD_EXT=0 at install, or no C++ compiler)"
+    else:
+        WHY = f"lrfast._C failed to import: {e}"
+else:
+    WHY = None
+
+BACKEND: str = "cpp" if _C is not None else "reference"
+
+_F32 = torch.float32
+_F64 = torch.float64
+
+
+# The fast-path tests below are the whole per-call validation of the C++ path: ~1 us of attribute checks
+# (benchmarks/bench_kernels.py: C++ AdamW step at 10k params ~7 us in all). Any test failing, including an
+# AttributeError from a non-tensor, sends the call to the reference, which checks again with a clear error or runs.
+
+
+def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
+    """One SGD step for every candidate with lr[k] != 0; equals torch.optim.SGD(foreach=False) per row."""
+    try:
+        shape = p.shape
+        if (
+            _C is not None
+            and type(hp) is SGDParams
+            and type(step) is int
+            and p.dtype is _F32
+            and g.dtype is _F32
+            and p.is_cpu
+            and g.is_cpu
+            and len(shape) == 2
+            and g.shape == shape
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and lr.dtype is _F64
+            and lr.is_cpu
+            and lr.dim() == 1
+            and lr.numel() == shape[0]
+            and lr.is_contiguous()
+        ):
+            if hp.momentum == 0:
+                buf_ptr = 0
+            elif buf is not None and buf.dtype is _F32 and buf.is_cpu and buf.shape == shape and buf.is_contiguous():
+                buf_ptr = buf.data_ptr()
+            else:
+                buf_ptr = -1
+            if buf_ptr >= 0:
+                _C.sgd_step(
+                    p.data_ptr(), g.data_ptr(), buf_ptr, lr.data_ptr(), shape[0], shape[1], step,
+                    hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay,
+                )  # fmt: skip
+                return
+    except AttributeError:
+        pass
+    reference.sgd_step(p, g, buf, lr, step, hp)
+
+
+def adam_step(p, g, m, v, lr, step, hp: AdamParams) -> None:
+    """One Adam / AdamW (hp.decoupled) step for every candidate with lr[k] != 0; equals torch.optim.Adam / AdamW
+    (foreach=False) per row."""
+    try:
+        shape = p.shape
+        if (
+            _C is not None
+            and type(hp) is AdamParams
+            and type(step) is int
+            and p.dtype is _F32
+            and g.dtype is _F32
+            and m.dtype is _F32
+            and v.dtype is _F32
+            and p.is_cpu
+            and g.is_cpu
+            and m.is_cpu
+            and v.is_cpu
+            and len(shape) == 2
+            and g.shape == shape
+            and m.shape == shape
+            and v.shape == shape
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+            and lr.dtype is _F64
+            and lr.is_cpu
+            and lr.dim() == 1
+            and lr.numel() == shape[0]
+            and lr.is_contiguous()
+        ):
+            _C.adam_step(
+                p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), shape[0], shape[1], step,
+                hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled,
+            )  # fmt: skip
+            return
+    except AttributeError:
+        pass
+    reference.adam_step(p, g, m, v, lr, step, hp)
