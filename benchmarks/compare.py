@@ -51,10 +51,10 @@ DISTRIBUTIONS = {"lrfast": "lrfast", "torch_lr_finder": "torch-lr-finder", "ligh
 SUGGESTION_METHOD = {"lrfast": "valley", "torch_lr_finder": "steepest (plot)", "lightning": "steepest", "bare": ""}
 COLUMNS = [
     "workload", "contestant", "k", "steps_run", "wall_s_first", "wall_s_warm_best", "ms_per_step_warm",
-    "suggestion", "suggestion_method", "speedup_vs_bare", "speedup_vs_torch_lr_finder", "speedup_vs_lightning",
+    "suggestion", "suggestion_method", "impl", "speedup_vs_bare", "speedup_vs_torch_lr_finder", "speedup_vs_lightning",
     "import_s_first", "peak_rss_mb", "note",
-    "min_lr", "max_lr", "steps", "batch_size", "early_stop", "repeats", "device", "cores", "threads", "python",
-    "torch", "lightning", "torch_lr_finder", "lrfast", "commit", "date",
+    "min_lr", "max_lr", "steps", "batch_size", "early_stop", "repeats", "first_repeats", "device", "cores", "threads",
+    "python", "torch", "lightning", "torch_lr_finder", "lrfast", "commit", "date",
 ]  # fmt: skip
 
 
@@ -66,6 +66,7 @@ class Settings:
     batch_size: int = 64
     early_stop: float | None = None  # None: off for every contestant; a number: that threshold where a peer has one
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None: torch's default (the cores)
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -102,7 +103,8 @@ def fresh(dataset, make_model, s: Settings, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- contestants
-# Each returns (k, steps_run, suggestion); the caller times the whole call.
+# Each returns (k, steps_run, suggestion, impl: the optimizer code that ran); the caller times the whole call.
+TORCH_ADAM = "torch.optim.Adam default (for-loop on CPU)"
 
 
 def run_lrfast(model, loader, s: Settings):
@@ -112,7 +114,9 @@ def run_lrfast(model, loader, s: Settings):
         model, loader, optimizer="adam", min_lr=s.min_lr, max_lr=s.max_lr, steps=s.steps, mode="exp",
         early_stop_threshold=s.early_stop, device=s.device, progress=False,
     )  # fmt: skip
-    return int(np.shape(r.lrs)[0]) if np.ndim(r.lrs) == 2 else 1, int(r.steps_run), r.suggestion
+    k = int(np.shape(r.lrs)[0]) if np.ndim(r.lrs) == 2 else 1
+    impl = " + ".join(str(r.info[key]) for key in ("optimizer_path", "forward") if key in r.info)
+    return k, int(r.steps_run), r.suggestion, impl
 
 
 def run_torch_lr_finder(model, loader, s: Settings):
@@ -131,7 +135,7 @@ def run_torch_lr_finder(model, loader, s: Settings):
     suggestion = None
     if len(lrs) >= 17:
         suggestion = float(lrs[10:-5][int(np.gradient(np.asarray(losses[10:-5], dtype=float)).argmin())])
-    return 1, len(lrs), suggestion
+    return 1, len(lrs), suggestion, TORCH_ADAM
 
 
 _LIGHTNING_MODULE = None
@@ -177,7 +181,7 @@ def run_lightning(model, loader, s: Settings):
             mode="exponential", early_stop_threshold=s.early_stop, update_attr=False,
         )  # fmt: skip
         suggestion = finder.suggestion()
-    return 1, len(finder.results["lr"]), suggestion
+    return 1, len(finder.results["lr"]), suggestion, TORCH_ADAM
 
 
 def run_bare(model, loader, s: Settings):
@@ -201,7 +205,7 @@ def run_bare(model, loader, s: Settings):
             group["lr"] = lr
         optimizer.step()
         loss.item()
-    return 1, len(lrs), None
+    return 1, len(lrs), None, TORCH_ADAM
 
 
 RUNNERS = {"lrfast": run_lrfast, "torch_lr_finder": run_torch_lr_finder, "lightning": run_lightning, "bare": run_bare}
@@ -243,10 +247,10 @@ def timed(contestant: str, dataset, make_model, s: Settings) -> dict:
     gc.collect()
     _sync(s)
     t0 = time.perf_counter()
-    k, steps_run, suggestion = RUNNERS[contestant](model, loader, s)
+    k, steps_run, suggestion, impl = RUNNERS[contestant](model, loader, s)
     _sync(s)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "k": k, "steps_run": steps_run, "suggestion": suggestion}
+    return {"wall_s": wall, "k": k, "steps_run": steps_run, "suggestion": suggestion, "impl": impl}
 
 
 def _sync(s: Settings) -> None:
@@ -274,12 +278,14 @@ def child(contestant: str, workload_name: str, s: Settings) -> dict:
     return out
 
 
-def first_calls(contestant: str, workload_name: str, s: Settings) -> dict:
+def first_call(contestant: str, workload_name: str, s: Settings) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.compare", "--child", contestant, "--workloads", workload_name,
            "--device", s.device, "--steps", str(s.steps), "--min-lr", repr(s.min_lr), "--max-lr", repr(s.max_lr),
            "--batch-size", str(s.batch_size)]  # fmt: skip
     if s.early_stop is not None:
         cmd += ["--early-stop", repr(s.early_stop)]
+    if s.threads:
+        cmd += ["--threads", str(s.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     for line in reversed(p.stdout.splitlines()):
@@ -289,19 +295,20 @@ def first_calls(contestant: str, workload_name: str, s: Settings) -> dict:
     return {"error": f"first call failed (exit {p.returncode}): {tail}"}
 
 
-def warm(workload_name: str, contestants: list[str], s: Settings, repeats: int, warmups: int = 1) -> dict:
-    """Best of `repeats` after `warmups`, every round running each contestant once, the order rotating by round."""
-    dataset, make_model = workload(workload_name, s)
+def best_of(contestants: list[str], rounds: int, warmups: int, run_one) -> dict:
+    """Each contestant's fastest run of `rounds` after `warmups`, every round running each contestant once in an order
+    that rotates by round (bursts of load from other jobs here last seconds: spread them over everyone)."""
     best: dict[str, dict] = {}
-    for r in range(warmups + repeats):
+    for r in range(warmups + rounds):
         order = contestants[r % len(contestants) :] + contestants[: r % len(contestants)]
         for c in order:
-            try:
-                out = timed(c, dataset, make_model, s)
-            except Exception as e:  # one broken contestant must not sink the table
-                best[c] = {"error": f"failed: {type(e).__name__}: {e}"}
+            if "error" in best.get(c, {}):
                 continue
-            if r >= warmups and "error" not in best.get(c, {}) and out["wall_s"] < best.get(c, {}).get("wall_s", 1e30):
+            try:
+                out = run_one(c)
+            except Exception as e:  # one broken contestant must not sink the table
+                out = {"error": f"failed: {type(e).__name__}: {e}"}
+            if "error" in out or (r >= warmups and out["wall_s"] < best.get(c, {}).get("wall_s", math.inf)):
                 best[c] = out
     return best
 
@@ -313,7 +320,7 @@ def _peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------- rows
 
 
-def conditions(s: Settings, repeats: int) -> dict:
+def conditions(s: Settings, repeats: int, first_repeats: int) -> dict:
     def version(contestant):
         try:
             return importlib.metadata.version(DISTRIBUTIONS[contestant])
@@ -328,7 +335,8 @@ def conditions(s: Settings, repeats: int) -> dict:
             device = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), device)
     return {
         "min_lr": s.min_lr, "max_lr": s.max_lr, "steps": s.steps, "batch_size": s.batch_size,
-        "early_stop": "off" if s.early_stop is None else s.early_stop, "repeats": repeats, "device": device,
+        "early_stop": "off" if s.early_stop is None else s.early_stop, "repeats": repeats,
+        "first_repeats": first_repeats, "device": device,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
         "lightning": version("lightning"), "torch_lr_finder": version("torch_lr_finder"),
@@ -357,6 +365,7 @@ def rows_for(workload_name: str, firsts: dict, warms: dict, why_missing: dict, c
             "steps_run": w.get("steps_run", f.get("steps_run")), "wall_s_first": f.get("wall_s"),
             "wall_s_warm_best": w.get("wall_s"), "ms_per_step_warm": ms,
             "suggestion": w.get("suggestion", f.get("suggestion")), "suggestion_method": SUGGESTION_METHOD[c],
+            "impl": w.get("impl", f.get("impl")),
             "import_s_first": f.get("import_s"), "peak_rss_mb": f.get("peak_rss_mb"), "note": "; ".join(notes), **cond,
         })  # fmt: skip
     by = {r["contestant"]: r["ms_per_step_warm"] for r in rows}
@@ -401,13 +410,15 @@ def render_markdown(csv_path: Path) -> str:
                  num(r["import_s_first"], ".2f"), num(r["peak_rss_mb"], ".0f"), r["note"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     c = rows[0]
-    quick = c["steps"] != "100"
+    quick = c["first_repeats"] == "0"
+    lrfast_impl = next((r["impl"] for r in rows if r["contestant"] == "lrfast" and r["impl"]), "")
     return "\n".join([
         f"# lrfast vs peers: LR range test, {c['device']}", "",
         f"Range exp {c['min_lr']} -> {c['max_lr']}, {c['steps']} steps, Adam defaults, batch {c['batch_size']}, "
         f"early stop {c['early_stop']}; warm = best of {c['repeats']} after one warm-up, contestants interleaved "
-        "round by round; first call = one range test in a fresh process (Python and torch imported, the "
-        "contestant's own import in `import s`); peak RSS of that process. k = LR candidates per pass.", "",
+        f"round by round; first call = one range test in a fresh process, best of {c['first_repeats']} "
+        "processes run round by round (Python, torch and torch._dynamo imported before the clock starts, the "
+        "contestant's own import timed apart in `import s`); peak RSS of that process. k = LR candidates per pass.", "",
         *lines, "",
         f"Machine: {c['device']}, {c['cores']} cores, {c['threads']} torch threads; Python {c['python']}, "
         f"torch {c['torch']}, Lightning {c['lightning'] or '-'}, torch-lr-finder {c['torch_lr_finder'] or '-'}, "
@@ -416,11 +427,11 @@ def render_markdown(csv_path: Path) -> str:
         "min*(max/min)^(i/(N-1)), both endpoints; Lightning: lr_0 = min, then min*(max/min)^((k+1)/N)); the "
         "suggestion method (in brackets, each peer's default, on its own smoothing: lrfast and Lightning debiased "
         "EMA 0.98, torch-lr-finder an undebiased 0.05 EMA); the optimizer code (torch.optim.Adam's default for the "
-        "peers and bare, lrfast's own Adam step); torch-lr-finder and Lightning draw a tqdm bar that cannot be "
-        "switched off (sent to "
-        "/dev/null), lrfast runs with progress=False; Lightning writes and reloads a checkpoint per call; the bare "
+        f"peers and bare, lrfast's own: {lrfast_impl or '-'}); torch-lr-finder and Lightning draw a tqdm bar that "
+        "cannot be switched off (sent to /dev/null), lrfast runs with progress=False; Lightning writes and reloads "
+        "a checkpoint per call; the bare "
         "loop restores nothing and suggests nothing."
-        + (" Quick run: 20 steps, 1 repeat, no first call." if quick else ""),
+        + (" No fresh-process call in this run (--quick)." if quick else ""),
         "", "Reproduce: `pip install -e . torch-lr-finder pytorch-lightning scikit-learn && "
         f"python -m benchmarks.compare --device {'cuda' if 'cuda' in csv_path.parent.name else 'cpu'}`; this file "
         "is rendered from compare.csv (`python -m benchmarks.compare --render PATH/compare.csv`).", "",
@@ -438,12 +449,14 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 repetition, no fresh-process call")
     p.add_argument("--out", type=Path, help="for compare.csv and compare.md; default benchmarks/results/<device>")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="warm: best of this many after one warm-up")
+    p.add_argument("--first-repeats", type=int, default=3, help="first call: best of this many fresh processes")
     p.add_argument("--min-lr", type=float, default=1e-7)
     p.add_argument("--max-lr", type=float, default=10.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--early-stop", type=float, default=None, help="threshold x best loss for every contestant "
                    "that has one (torch-lr-finder's applies to its own smoothing); default off")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for every contestant (default: torch's)")
     p.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
     p.add_argument("--render", type=Path, help="only render compare.md next to this compare.csv")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
@@ -456,7 +469,10 @@ def main(argv: list | None = None) -> int:
         return 2
     steps = 20 if args.quick else args.steps
     repeats = 1 if args.quick else args.repeats
-    s = Settings(args.min_lr, args.max_lr, steps, args.batch_size, args.early_stop, args.device)
+    first_repeats = 0 if args.quick else args.first_repeats
+    s = Settings(args.min_lr, args.max_lr, steps, args.batch_size, args.early_stop, args.device, args.threads)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     workloads = [w for w in args.workloads.split(",") if w]
     for w in workloads:
         if w not in WORKLOADS:
@@ -469,11 +485,12 @@ def main(argv: list | None = None) -> int:
     chosen = [c for c in CONTESTANTS if c in args.contestants.split(",")]
     why_missing = {c: missing(c) for c in chosen}
     live = [c for c in chosen if why_missing[c] is None]
-    cond = conditions(s, repeats)
+    cond = conditions(s, repeats, first_repeats)
     rows = []
     for w in workloads:
-        firsts = {} if args.quick else {c: first_calls(c, w, s) for c in live}
-        warms = warm(w, live, s, repeats)
+        firsts = best_of(live, first_repeats, 0, lambda c: first_call(c, w, s))
+        dataset, make_model = workload(w, s)
+        warms = best_of(live, repeats, 1, lambda c: timed(c, dataset, make_model, s))
         rows += [r for r in rows_for(w, firsts, warms, why_missing, cond) if r["contestant"] in chosen]
         for r in rows[-len(chosen) :]:
             print(f"{w:6} {r['contestant']:16} warm {r['ms_per_step_warm'] or float('nan'):8.3f} ms/step  "
