@@ -32,9 +32,7 @@ OPTIMIZERS = ["sgd", "sgd_momentum_dampening", "sgd_nesterov", "sgd_wd", "adam",
 def _isas() -> list[str]:
     if cpu.BACKEND != "cpp":
         return ["best"]
-    best = cpu._C.best_isa()
-    order = ["default", "avx2", "avx512"]
-    return order[: order.index(best) + 1]
+    return list(cpu._C.supported_isas())
 
 
 BACKENDS = ["reference"] + [f"cpp-{isa}" for isa in _isas()]

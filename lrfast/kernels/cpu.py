@@ -11,6 +11,8 @@ torch.optim(foreach=False) within fp32 rounding (tests/test_kernels_cpu.py state
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from lrfast.kernels import reference
@@ -19,7 +21,7 @@ from lrfast.kernels.reference import AdamParams, SGDParams
 __all__ = ["BACKEND", "WHY", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
 
 try:
-    from lrfast import _C
+    _C = importlib.import_module("lrfast._C")  # not `from lrfast import _C`: lrfast/__init__ may still be importing
 except ImportError as e:  # built with LRFAST_BUILD_EXT=0, or no compiler at install time
     _C = None
     if isinstance(e, ModuleNotFoundError) and e.name == "lrfast._C":
