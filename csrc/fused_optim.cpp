@@ -32,8 +32,8 @@ namespace py = pybind11;
 
 namespace {
 
-// Below this many active elements (rows x N) one thread runs the step. Measured (AdamW, AVX-512, 2 cores, quiet
-// machine), 1 vs 2 threads: 8192 elements 5.3 vs 5.3 us, 12288 7.1 vs 6.0, 16384 8.5 vs 6.8, 32768 15 vs 10.
+// Below this many active elements (rows x N) one thread runs the step. Measured through cpu.adam_step (AdamW, 2 cores,
+// quiet machine), 1 vs 2 threads: 8192 elements 5.3 vs 5.3 us, 12288 7.1 vs 6.0, 16384 8.5 vs 6.8, 32768 15 vs 10.
 // Staying on one thread below that also keeps small steps clear of the ms stalls a 2-thread region takes when another
 // process holds the second core (seen on the shared machines: torch's fused AdamW at 10k params, 7 us -> 1-7 ms).
 constexpr int64_t kParallelMinElements = 1 << 14;

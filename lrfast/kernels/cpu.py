@@ -37,9 +37,11 @@ _F32 = torch.float32
 _F64 = torch.float64
 
 
-# The fast-path tests below are the whole per-call validation of the C++ path: ~1 us of attribute checks
-# (benchmarks/bench_kernels.py: C++ AdamW step at 10k params ~7 us in all). Any test failing, including an
-# AttributeError from a non-tensor, sends the call to the reference, which checks again with a clear error or runs.
+# The fast-path tests below are the whole per-call validation of the C++ path. Measured per call: ~1.5 us of attribute
+# checks, 0.3 us of data_ptr(), 0.4 us in pybind11: cpu.adam_step on 16 params 2.6-3.2 us vs 0.4 us calling _C
+# directly; at 10k params the whole C++ AdamW step is ~6 us (torch.optim.AdamW(fused=True).step() ~30 us). Any test
+# failing, including an AttributeError from a non-tensor, sends the call to the reference, which checks again and
+# raises a clear error, or runs (fp64, CUDA). Tensors must not overlap (the kernel assumes restrict pointers).
 
 
 def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
