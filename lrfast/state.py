@@ -8,6 +8,7 @@ clones; restoring points them back at the original tensors, which were never wri
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import torch
@@ -35,12 +36,24 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+# The RNGs are process-wide: two range tests in two threads would seed and restore each other's RNG state. Runs
+# are serialized from snapshot to restore, so concurrent calls give exactly the sequential results.
+_RUN_LOCK = threading.RLock()
+
+
 class Snapshot:
+    """Taking one holds the process-wide run lock until restore()."""
+
     def __init__(self, model: nn.Module):
-        self.params = [(p, p.data, p.grad) for p in model.parameters()]
-        self.buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-        self.training = [(m, m.training) for m in model.modules()]
-        self.rng = capture_rng()
+        _RUN_LOCK.acquire()
+        try:
+            self.params = [(p, p.data, p.grad) for p in model.parameters()]
+            self.buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+            self.training = [(m, m.training) for m in model.modules()]
+            self.rng = capture_rng()
+        except BaseException:
+            _RUN_LOCK.release()
+            raise
 
     def lend(self, segments, device: torch.device) -> None:
         """Point the model at candidate 0 of the arena: parameters and grads become views of its flat buffers,
@@ -55,12 +68,15 @@ class Snapshot:
             m._buffers[name] = b.detach().to(device, copy=True)
 
     def restore(self) -> None:
-        for m, flag in self.training:
-            m.training = flag
-        for p, data, grad in self.params:
-            p.grad = None
-            p.data = data
-            p.grad = grad
-        for m, name, b in self.buffers:
-            m._buffers[name] = b
-        restore_rng(self.rng)
+        try:
+            for m, flag in self.training:
+                m.training = flag
+            for p, data, grad in self.params:
+                p.grad = None
+                p.data = data
+                p.grad = grad
+            for m, name, b in self.buffers:
+                m._buffers[name] = b
+            restore_rng(self.rng)
+        finally:
+            _RUN_LOCK.release()
