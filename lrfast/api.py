@@ -7,18 +7,19 @@ import numbers
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from lrfast import batches as _batches
-from lrfast import optimizers, schedule
+from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
-from lrfast.engine import runner
+from lrfast.engine import batched, runner
 from lrfast.engine.arena import Arena
 from lrfast.engine.step import ModuleStep
 from lrfast.kernels import cpu as cpu_kernels
 from lrfast.result import LRFindResult
-from lrfast.state import Snapshot, seed_all
+from lrfast.state import Snapshot, capture_rng, restore_rng, seed_all
 
 
 def find(
@@ -37,6 +38,11 @@ def find(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    candidates: int | None = None,
+    strategy: str = "sweep",
+    lrs=None,
+    tolerance: float = 0.05,
+    max_memory: int | None = None,
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -49,46 +55,132 @@ def find(
     method of `result.suggestion` (see lrfast.suggest). `seed` seeds every RNG during the run (shuffling,
     dropout) so the same call gives the same curve.
 
+    `candidates` K > 1 trains K copies side by side on the same cached batches, in one batched pass (vmap over
+    stacked weights; a per-candidate loop where vmap can't serve the model: result.info["forward"] says which):
+    - strategy="seeds" (default K 8): K replicas of the sweep, replica k seeing the batches in its own order (drawn
+      from (seed, k)) and its own dropout masks (drawn from one generator, so they depend on K; deterministic for a
+      given (seed, K)). result.suggestion is the median of the replicas' suggestions, result.interval the
+      10th-90th percentile; the plot draws the median curve, the band and the interval.
+    - strategy="grid" (default K 8): K fixed LRs, log-spaced from min_lr to max_lr or given as `lrs=[...]`, each
+      trained `steps` steps from the same weights; score = mean raw loss over the last 10 % of the steps (inf when
+      diverged); result.suggestion = the largest LR whose score <= best + `tolerance` x |best|. Candidate k's
+      curve is that of a K = 1 run at its LR, whatever K (dropout masks are shared by all candidates at a step).
+    A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has.
+    `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
+    chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,
+    activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
+    the chunk size too.
+
     The model's parameters, grads, buffers, training flags, the optimizer and the torch / numpy / python RNG states
     are bitwise unchanged afterwards, also after an exception or Ctrl-C. No file is written."""
     t0 = time.perf_counter()
     _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, early_stop_threshold, suggestion, seed, progress)
+    k = strategies.check(strategy, candidates, lrs, tolerance)
+    if max_memory is not None and (not _is_real(max_memory) or not max_memory > 0):
+        raise ValueError(f"max_memory={max_memory!r} must be a positive number of bytes, or None for a safe "
+                         "fraction of the free memory; e.g. max_memory=2**30")  # fmt: skip
     device = _resolve_device(model, device)
     plan = optimizers.resolve(optimizer, model)
-    lrs = schedule.table(float(min_lr), float(max_lr), steps, mode, k=1)
+    if strategy == "grid":
+        table = schedule.grid(float(min_lr), float(max_lr), k, steps, lrs)
+    else:
+        table = schedule.table(float(min_lr), float(max_lr), steps, mode, k=k)
+    orders = strategies.orders(strategy, k, steps, seed)
 
     snap = Snapshot(model)
+    notes, forward = [], []
+    losses, smoothed = np.full((k, steps), np.nan), np.full((k, steps), np.nan)
+    steps_run = 0
     try:
         seed_all(seed)
         splits = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(loader, steps)]
-        arena = Arena(plan, 1, device)
-        snap.lend(arena.segments, device)
-        model.train()
-        step = ModuleStep(model, arena, loss_fn)
-        tracker = runner.Tracker(1, steps, smooth, early_stop_threshold, device)
-        lr_table = torch.tensor(lrs.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
+        rng = capture_rng()
+        chunk, memory = _chunk_size(model, plan, splits[0], loss_fn, device, k, max_memory)
+        if chunk < k:
+            notes.append(f"max_memory: {k} candidates need ~{memory['per_candidate'] * k / 2**20:.1f} MiB, "
+                         f"{memory['budget'] / 2**20:.1f} MiB allowed: run in chunks of {chunk}")  # fmt: skip
         t_setup = time.perf_counter()
-        with _progress_bar(progress, steps) as bar:
-            steps_run = runner.run(step, arena, plan, splits, lr_table, tracker, bar)
-        losses, smoothed = tracker.losses.cpu().numpy(), tracker.smoothed.cpu().numpy()
+        with _progress_bar(progress, steps * math.ceil(k / chunk)) as bar:
+            for lo in range(0, k, chunk):
+                hi = min(k, lo + chunk)
+                for p, data, _ in snap.params:  # the model points into the last chunk's arena: back to the user's
+                    p.data = data  # weights (never written), which the next arena copies
+                restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
+                out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
+                                 device, smooth, early_stop_threshold, bar)  # fmt: skip
+                losses[lo:hi], smoothed[lo:hi] = out["losses"], out["smoothed"]
+                steps_run = max(steps_run, out["steps_run"])
+                forward.append(out["forward"])
+                notes += [n for n in out["notes"] if n not in notes]
         t_steps = time.perf_counter()
     finally:
         snap.restore()
 
     info = {
-        "strategy": "sweep",
-        "candidates": 1,
+        "strategy": strategy,
+        "candidates": k,
         "device": str(device),
         "optimizer": plan.optimizer_class,
         "optimizer_path": "generic torch.optim" if plan.kind == "generic" else f"fused {cpu_kernels.BACKEND}",
-        "forward": "module (K=1)",
-        "loss": step.loss_desc,
-        "params": arena.numel,
-        "notes": plan.notes + (["grads copied into the arena (autograd replaced the preset .grad)"]
-                               if step.copy_grads else []),  # fmt: skip
+        "forward": forward[0] if len(set(forward)) == 1 else "; ".join(dict.fromkeys(forward)),
+        "loss": out["loss"],
+        "params": sum(p.numel() for g in plan.groups for p in g.params),
+        "notes": plan.notes + notes,
     }
+    if memory:
+        info["memory"] = memory
+        info["chunk"] = chunk
     timings = {"setup": t_setup - t0, "steps": t_steps - t_setup, "total": time.perf_counter() - t0}
-    return LRFindResult(lrs, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info)
+    return LRFindResult(table, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info,
+                        strategy=strategy, tolerance=float(tolerance))  # fmt: skip
+
+
+def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar) -> dict:
+    """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
+    K > 1 batched."""
+    c, steps = table.shape
+    arena = Arena(plan, c, device)
+    snap.lend(arena.segments, device)
+    model.train()
+    notes, generic = [], None
+    if c == 1:
+        step = ModuleStep(model, arena, loss_fn)
+        inputs = [splits[i] for i in orders[0]]
+    else:
+        shared = strategy != "seeds"
+        why = "" if shared else batched.stackable(splits)
+        step = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
+                                   why_loop=why)  # fmt: skip
+        inputs = splits if shared else [[splits[i] for i in orders[:, t]] for t in range(steps)]
+        if plan.kind == "generic":
+            generic = batched.candidate_optimizers(plan, arena)
+    tracker = runner.Tracker(c, steps, smooth, threshold, device)
+    lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
+    steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic)
+    if c == 1:
+        forward = "module (K=1)"
+        if step.copy_grads:
+            notes.append("grads copied into the arena (autograd replaced the preset .grad)")
+    else:
+        forward = f"vmap (K={c})" if step.mode == "vmap" else f"loop (K={c}): {step.why}"
+    return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
+            "steps_run": steps_run, "forward": forward, "loss": step.loss_desc, "notes": notes}  # fmt: skip
+
+
+def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:
+    """How many candidates one pass may hold. K = 1 without max_memory: no probe (the fast path stays as it was)."""
+    if k == 1 and max_memory is None:
+        return 1, {}
+    parts = batched.estimate_bytes(model, Arena(plan, 1, device), split, loss_fn)
+    per = sum(parts.values())
+    budget = int(max_memory) if max_memory is not None else batched.available_bytes(device)
+    fit = min(k, budget // per)
+    if fit < 1:
+        detail = ", ".join(f"{name} {v / 2**20:.2f} MiB" for name, v in parts.items())
+        raise ValueError(f"max_memory={max_memory!r}: one candidate needs ~{per} bytes ({detail}), more than the "
+                         f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
+                         "memory")  # fmt: skip
+    return int(fit), {**parts, "per_candidate": per, "budget": budget}
 
 
 def _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, threshold, suggestion, seed, progress) -> None:

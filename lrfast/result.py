@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lrfast import strategies
 from lrfast import suggest as _suggest
 
 SCHEMA = "lrfast.LRFindResult"
@@ -26,6 +27,8 @@ class LRFindResult:
     method: str = "valley"
     timings: dict = field(default_factory=dict)  # seconds: setup, steps, total
     info: dict = field(default_factory=dict)
+    strategy: str = "sweep"  # "sweep" | "seeds" | "grid" (see lrfast.strategies)
+    tolerance: float = 0.05  # grid: suggestion = the largest LR whose score <= best + tolerance * |best|
 
     def __post_init__(self):
         self.lrs, self.losses, self.smoothed = (np.asarray(a, dtype=np.float64) for a in
@@ -37,6 +40,9 @@ class LRFindResult:
                 f"lrs, losses and smoothed must have one shape [K, S]; got {self.lrs.shape}, {self.losses.shape}, "
                 f"{self.smoothed.shape}"
             )
+        if self.strategy not in strategies.STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not a strategy; use one of: "
+                             f"{', '.join(strategies.STRATEGIES)}")  # fmt: skip
         if self.method not in _suggest.METHODS:
             raise ValueError(f"suggestion={self.method!r} is not a method; use one of: {', '.join(_suggest.METHODS)}")
 
@@ -46,8 +52,36 @@ class LRFindResult:
 
     @property
     def suggestion(self) -> float | None:
-        """The suggested LR by `method` (as the peer that defined it computes it), None when it has none."""
+        """The suggested LR, None when there is none. sweep: by `method` (as the peer that defined it computes it);
+        seeds: the median of the replicas' suggestions by `method`; grid: the largest LR whose score is within
+        `tolerance` of the best score."""
+        if self.strategy == "grid":
+            return strategies.grid_suggestion(self.lrs[:, 0], self.scores, self.tolerance)
+        if self.strategy == "seeds":
+            return strategies.median_interval(self.replica_suggestions()[self.method])[0]
         return self.suggest(self.method)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """seeds: the 10th-90th percentile of the replicas' suggestions by `method`; None for other strategies."""
+        if self.strategy != "seeds":
+            return None
+        return strategies.median_interval(self.replica_suggestions()[self.method])[1]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """grid: [K] mean raw loss over the last 10 % of the steps (inf where diverged)."""
+        return strategies.grid_scores(self.losses)
+
+    @property
+    def band(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(median, 10th, 90th percentile) of the smoothed curves over the candidates, per step."""
+        return strategies.band(self.smoothed)
+
+    def replica_suggestions(self) -> dict[str, list[float | None]]:
+        """Every method's suggestion for every candidate: {method: [K values]}."""
+        per = [self.suggestions(k) for k in range(self.k)]
+        return {m: [p[m] for p in per] for m in _suggest.METHODS}
 
     def suggest(self, method: str | None = None, k: int = 0) -> float | None:
         """Candidate k's suggestion by `method` (steepest, steepest_log, torch_lr_finder, valley, slide, minimum,
@@ -68,7 +102,10 @@ class LRFindResult:
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "method": self.method,
+            "strategy": self.strategy,
+            "tolerance": self.tolerance,
             "suggestion": self.suggestion,
+            "interval": self.interval,
             "steps_run": int(self.steps_run),
             "lrs": _nan_to_none(self.lrs),
             "losses": _nan_to_none(self.losses),
@@ -115,12 +152,14 @@ class LRFindResult:
                              "or was edited")  # fmt: skip
         arrays = [np.array(_none_to_nan(d[key]), dtype=np.float64) for key in ("lrs", "losses", "smoothed")]
         return cls(*arrays, steps_run=int(d["steps_run"]), method=d.get("method", "valley"),
-                   timings=d.get("timings", {}), info=d.get("info", {}))  # fmt: skip
+                   timings=d.get("timings", {}), info=d.get("info", {}), strategy=d.get("strategy", "sweep"),
+                   tolerance=float(d.get("tolerance", 0.05)))  # fmt: skip
 
     def __repr__(self) -> str:
         s = self.suggestion
         sug = "None" if s is None else f"{s:.3g}"
-        return (f"LRFindResult(suggestion={sug} ({self.method}), candidates={self.k}, steps_run={self.steps_run}, "
+        return (f"LRFindResult(suggestion={sug} ({self.method}), strategy={self.strategy}, "
+                f"candidates={self.k}, steps_run={self.steps_run}, "
                 f"total={self.timings.get('total', float('nan')):.2f}s)")  # fmt: skip
 
 

@@ -23,3 +23,11 @@ def sweep(min_lr: float, max_lr: float, steps: int, mode: str = "exp") -> np.nda
 def table(min_lr: float, max_lr: float, steps: int, mode: str = "exp", k: int = 1) -> np.ndarray:
     """[K, S] table: candidate k's learning rate at step t. K copies of the same sweep."""
     return np.ascontiguousarray(np.broadcast_to(sweep(min_lr, max_lr, steps, mode), (k, steps)))
+
+
+def grid(min_lr: float, max_lr: float, k: int, steps: int, lrs=None) -> np.ndarray:
+    """[K, S] table of K fixed learning rates, log-spaced from min_lr to max_lr (both hit), or `lrs` as given."""
+    values = np.asarray(lrs, dtype=np.float64) if lrs is not None else np.geomspace(min_lr, max_lr, k)
+    if lrs is None:
+        values[0], values[-1] = min_lr, max_lr
+    return np.ascontiguousarray(np.repeat(values[:, None], steps, axis=1))

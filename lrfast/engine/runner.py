@@ -45,9 +45,10 @@ class Tracker:
 
 
 def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
-        bar=None, check_every: int = 1) -> int:  # fmt: skip
+        bar=None, check_every: int = 1, generic: list | None = None) -> int:  # fmt: skip
     """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
-    stopped). lr_table is [S, K] float64 on the device."""
+    stopped). lr_table is [S, K] float64 on the device; splits[t] is what `step` takes at step t. `generic`: with
+    K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers)."""
     steps = lr_table.shape[0]
     for t in range(steps):
         loss = step(splits[t])
@@ -57,7 +58,14 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
                 if bar is not None:
                     bar.update(1)
                 return int(tracker.steps_run.max())
-        if plan.kind == "generic":
+        if plan.kind == "generic" and generic is not None:
+            alive = tracker.alive.tolist()
+            for k, opt in enumerate(generic):
+                if alive[k]:  # a stopped candidate is frozen, as lr 0 does on the fused path
+                    for g, scale in zip(opt.param_groups, plan.scales):
+                        g["lr"] = float(lr_table[t, k]) * scale
+                    opt.step()
+        elif plan.kind == "generic":
             optimizers.set_lr(plan, float(lr_table[t, 0]))
             plan.generic.step()
         else:

@@ -1,0 +1,209 @@
+"""Forward and backward of K > 1 candidates in one call: torch.func.functional_call over the arena's stacked
+parameter views [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the
+gradients are copied into the arena's flat grad buffer for the fused optimizer. Where vmap cannot serve a model
+(data-dependent control flow, .item(), unstackable batches...) a per-candidate loop of functional_call +
+autograd.grad runs instead; `mode` and `why` say which ran and why. The user's model is never written: its
+parameters and buffers are only swapped for the call (functional_call restores them, also on an exception).
+
+Randomness (dropout): "same" gives every candidate the same masks at a step (grid: a candidate's curve does not
+depend on K); "different" gives each its own, all drawn from the one global generator, so candidate k's masks
+depend on K (seeds: deterministic for a given (seed, K))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils import _pytree as pytree
+
+from lrfast.batches import Split, resolve_loss
+from lrfast.engine.arena import Arena
+
+
+class BatchedStep:
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = ""):
+        self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
+        self.loss_f, self.loss_desc = None, ""
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.names = [names[id(p)] for seg in arena.segments for p in seg.params]
+        self.p = [v for seg in arena.segments for v in seg.stacked(seg.p)]
+        self.g = [v for seg in arena.segments for v in seg.stacked(seg.g)]
+        self.buffers = _clone_buffers(model, arena.k)
+        self.mode, self.why = ("loop", why_loop) if why_loop else ("vmap", "")
+        self.calls = 0
+        self._vf = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None, None), randomness=randomness)
+
+    def __call__(self, item) -> torch.Tensor:
+        """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
+        all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
+        self.arena.zero_grad()
+        self.calls += 1
+        if self.mode == "vmap":
+            try:
+                loss = self._vmap(item)
+            except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
+                if self.calls > 1:
+                    raise
+                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
+                self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
+                self.arena.zero_grad()
+                loss = self._loop(item)
+        else:
+            loss = self._loop(item)
+        if self.calls == 1:
+            _check_first(loss)
+        return loss
+
+    def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target) -> torch.Tensor:
+        split = Split(args, kwargs, target)
+        out = functional_call(self.model, {**params, **buffers}, args, kwargs)
+        if self.loss_f is None:
+            self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+        return self.loss_f(out, split)
+
+    def _vmap(self, item) -> torch.Tensor:
+        params = dict(zip(self.names, self.p))
+        if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
+            s = _stack(item)
+            dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, (s.args, s.kwargs, s.target))
+            f = vmap(grad_and_value(self._loss), in_dims=(0, 0, *dims), randomness=self.randomness)
+            grads, loss = f(params, self.buffers, s.args, s.kwargs, s.target)
+        else:
+            grads, loss = self._vf(params, self.buffers, item.args, item.kwargs, item.target)
+        torch._foreach_copy_(self.g, [grads[n] for n in self.names])
+        return loss.detach()
+
+    def _loop(self, item) -> torch.Tensor:
+        losses = []
+        for k in range(self.arena.k):
+            split = item[k] if isinstance(item, list) else item
+            leaves = [p[k].detach().requires_grad_() for p in self.p]
+            buffers = {n: b[k] for n, b in self.buffers.items()}
+            out = functional_call(self.model, {**dict(zip(self.names, leaves)), **buffers}, split.args, split.kwargs)
+            if self.loss_f is None:
+                self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+            loss = self.loss_f(out, split)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn: the loss must be a scalar tensor, got {shape}; reduce it (e.g. .mean()) "
+                                 "or use a loss with reduction='mean'")  # fmt: skip
+            grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+            for g, view in zip(grads, self.g):
+                if g is not None:
+                    view[k].copy_(g)
+            losses.append(loss.detach().reshape(()))
+        return torch.stack(losses)
+
+
+def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
+
+
+def _stack(splits: list[Split]) -> Split:
+    """K Splits of equal structure -> one Split whose tensors are stacked [K, ...] (non-tensors must be equal)."""
+    leaves, spec = pytree.tree_flatten((splits[0].args, splits[0].kwargs, splits[0].target))
+    columns = [pytree.tree_flatten((s.args, s.kwargs, s.target))[0] for s in splits]
+    stacked = [torch.stack([c[i] for c in columns]) if isinstance(x, torch.Tensor) else x
+               for i, x in enumerate(leaves)]  # fmt: skip
+    args, kwargs, target = pytree.tree_unflatten(stacked, spec)
+    return Split(args, kwargs, target)
+
+
+def stackable(splits: list[Split]) -> str:
+    """'' when every cached batch has the structure and tensor shapes of the first (so per-candidate batches can be
+    stacked for vmap), else why not."""
+    def sig(s):
+        leaves, spec = pytree.tree_flatten((s.args, s.kwargs, s.target))
+        return spec, [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    first = sig(splits[0])
+    for t, s in enumerate(splits[1:], start=1):
+        if sig(s) != first:
+            return f"batch {t} differs in structure or shape from batch 0 (a short last batch?): seeds run a loop"
+    return ""
+
+
+def _check_first(loss: torch.Tensor) -> None:
+    values = loss.detach().cpu()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"the loss is {values.tolist()} at the first step, before any update: the model or the data is broken "
+            "(not the learning rate); check the inputs for NaN/inf and the model's initialization"
+        )
+
+
+def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
+    """Bytes one candidate needs: weights, grads, optimizer state (arena), buffers, the grads vmap returns before
+    they are copied into the arena, and the activations autograd saves in one probe forward (measured with
+    saved_tensors_hooks; the RNG and the model are left as they were)."""
+    seen: dict[int, int] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    leaves = {names[id(p)]: v.detach().clone().requires_grad_()
+              for seg in arena.segments for p, v in zip(seg.params, seg.views(seg.p, 0))}  # fmt: skip
+    own = {v.data_ptr() for v in leaves.values()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = functional_call(model, {**leaves, **buffers}, split.args, split.kwargs)
+        loss_f, _ = resolve_loss(loss_fn, out, split)
+        loss = loss_f(out, split)
+    grads = sum(v.nbytes for v in leaves.values())
+    return {
+        "arena": arena.nbytes_per_candidate,
+        "buffers": sum(b.nbytes for b in buffers.values()),
+        "grads_out": grads,
+        "activations": sum(seen.values()) + (loss.nbytes if isinstance(loss, torch.Tensor) else 0),
+    }
+
+
+def available_bytes(device: torch.device) -> int:
+    """A safe budget: half of the host's available memory (MemAvailable), 80 % of a GPU's free memory."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+
+
+def candidate_optimizers(plan, arena: Arena) -> list[torch.optim.Optimizer]:
+    """Generic optimizers with K > 1: one private instance of the user's class per candidate, over leaf views of
+    that candidate's row of the arena (params and grads), with the user's param groups and hyper-parameters."""
+    opt, out = plan.generic, []
+    for k in range(arena.k):
+        leaf = {}
+        for seg in arena.segments:
+            for p, pv, gv in zip(seg.params, seg.views(seg.p, k), seg.views(seg.g, k)):
+                t = pv.detach()
+                t.grad = gv
+                leaf[id(p)] = t
+        groups = []
+        for g in opt.param_groups:
+            hyper = {key: v for key, v in g.items() if key != "params"}
+            groups.append({**hyper, "params": [leaf[id(p)] for p in g["params"] if id(p) in leaf]})
+        try:
+            out.append(type(opt)(groups, **opt.defaults))
+        except TypeError as e:
+            raise NotImplementedError(
+                f"optimizer={type(opt).__name__} with candidates > 1: its constructor does not take (groups, "
+                f"**defaults) back ({e}); use optimizer='sgd'/'adam'/'adamw', or candidates=1"
+            ) from e
+    return out
+
+
+def fits(per_candidate: int, budget: int) -> int:
+    return int(budget // per_candidate) if per_candidate > 0 else math.inf

@@ -1,0 +1,226 @@
+"""K candidates in one pass (lrfast.find(..., candidates=K, strategy=...)): grid curves equal K = 1 runs and do
+not depend on K, diverging candidates freeze, seeds are deterministic with a median / band / interval, the loop
+fallback, generic optimizers, max_memory chunking, user-state safety, errors, JSON and plots."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_same_rng, assert_same_state, make_batches, make_mlp, rng_states, state_of
+from torch import nn
+
+import lrfast
+from lrfast import strategies
+from lrfast.result import LRFindResult
+
+QUIET = dict(progress=False, early_stop_threshold=None)
+
+
+def digits_mlp_batches(n=12, batch=32):
+    from lrfast.data import digits
+
+    x, y = digits().tensors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return model, [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n)]
+
+
+def test_grid_candidate_equals_k1_run_and_does_not_depend_on_k():
+    model, batches = digits_mlp_batches()
+    lrs16 = np.geomspace(1e-4, 1e-2, 16)
+    lrs4 = lrs16[::5]  # 4 of the 16 LRs
+    k16 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs16, steps=25, **QUIET)
+    k4 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs4, steps=25, **QUIET)
+    assert k16.info["forward"] == "vmap (K=16)" and k4.losses.shape == (4, 25)
+    for j, lr in enumerate(lrs4):
+        k1 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=[lr], steps=25, **QUIET)
+        assert k1.info["forward"] == "module (K=1)"
+        # fp32: vmapped bmm and eager mm round differently (~1e-7 per step); Adam at lr <= 1e-2 keeps it < 1e-5
+        np.testing.assert_allclose(k4.losses[j], k1.losses[0], rtol=1e-5)
+        np.testing.assert_allclose(k4.losses[j], k16.losses[5 * j], rtol=1e-5)
+
+
+def test_grid_batchnorm_running_stats_are_per_candidate():
+    batches = make_batches()
+    model = make_mlp(batchnorm=True)
+    res = lrfast.find(model, batches, strategy="grid", lrs=[1e-3, 3e-2], steps=12, **QUIET)
+    for k, lr in enumerate([1e-3, 3e-2]):
+        k1 = lrfast.find(model, batches, strategy="grid", lrs=[lr], steps=12, **QUIET)
+        np.testing.assert_allclose(res.losses[k], k1.losses[0], rtol=1e-5)
+
+
+def test_grid_lrs_are_log_spaced_from_min_to_max_and_constant():
+    res = lrfast.find(make_mlp(), make_batches(), strategy="grid", candidates=5, min_lr=1e-4, max_lr=1.0, steps=6,
+                      progress=False)  # fmt: skip
+    assert res.lrs[0, 0] == 1e-4 and res.lrs[-1, 0] == 1.0
+    np.testing.assert_allclose(res.lrs[:, 0], [1e-4, 1e-3, 1e-2, 1e-1, 1.0], rtol=1e-12)
+    assert np.all(res.lrs == res.lrs[:, :1])
+
+
+def test_diverging_candidate_is_frozen_and_the_others_go_on():
+    res = lrfast.find(make_mlp(), make_batches(), optimizer="sgd", strategy="grid", lrs=[1e-2, 1e4], steps=30,
+                      progress=False)  # fmt: skip
+    assert res.steps_run == 30
+    assert np.all(np.isfinite(res.losses[0]))
+    stopped = int(np.argmax(np.isnan(res.losses[1])))
+    assert 0 < stopped < 30 and np.all(np.isnan(res.losses[1, stopped:]))
+    assert res.scores[1] == math.inf and math.isfinite(res.scores[0])
+    assert res.suggestion == 1e-2
+
+
+def test_run_stops_when_every_candidate_has_diverged():
+    res = lrfast.find(make_mlp(), make_batches(), optimizer="sgd", strategy="grid", lrs=[1e4, 1e5], steps=60,
+                      progress=False)  # fmt: skip
+    assert res.steps_run < 60 and res.suggestion is None
+
+
+def test_grid_score_is_tail_mean_and_suggestion_is_largest_lr_within_tolerance():
+    losses = np.array([[5.0] * 10, [4.0] * 9 + [1.0], [4.0] * 9 + [1.04], [2.0] * 9 + [np.nan]])
+    scores = strategies.grid_scores(losses)
+    np.testing.assert_array_equal(scores, [5.0, 1.0, 1.04, np.inf])
+    lrs = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    assert strategies.grid_suggestion(lrs, scores, 0.05) == 1e-1
+    assert strategies.grid_suggestion(lrs, scores, 0.0) == 1e-2
+    res = LRFindResult(np.repeat(lrs[:, None], 10, 1), losses, losses, 10, strategy="grid", tolerance=0.0)
+    assert res.suggestion == 1e-2
+
+
+def test_seeds_are_deterministic_differ_by_replica_and_give_median_and_interval():
+    kw = dict(strategy="seeds", candidates=4, min_lr=1e-4, max_lr=1.0, steps=30, seed=3, progress=False)
+    a = lrfast.find(make_mlp(dropout=0.2), make_batches(), **kw)
+    b = lrfast.find(make_mlp(dropout=0.2), make_batches(), **kw)
+    assert a.info["forward"] == "vmap (K=4)"
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.allclose(a.losses[0], a.losses[1])
+    per = a.replica_suggestions()
+    assert set(per) == set(lrfast.suggest.METHODS) and all(len(v) == 4 for v in per.values())
+    lo, hi = a.interval
+    assert lo <= a.suggestion <= hi
+    median, low, high = a.band
+    assert median.shape == (30,) and np.all(low[:5] <= median[:5]) and np.all(median[:5] <= high[:5])
+
+
+def test_seeds_replica_order_does_not_depend_on_k():
+    # no dropout: replica 0 of K = 3 (vmap, batches stacked per replica) is the K = 1 seeds run (the model itself)
+    kw = dict(strategy="seeds", min_lr=1e-4, max_lr=1e-2, steps=12, seed=5, **QUIET)
+    k3 = lrfast.find(make_mlp(), make_batches(n=12), candidates=3, **kw)
+    k1 = lrfast.find(make_mlp(), make_batches(n=12), candidates=1, **kw)
+    np.testing.assert_allclose(k3.losses[0], k1.losses[0], rtol=1e-5)
+    orders = strategies.orders("seeds", 3, 12, 5)
+    assert sorted(orders[1]) == list(range(12)) and not np.array_equal(orders[0], orders[1])
+
+
+def test_seeds_with_batches_of_different_shapes_run_the_loop():
+    batches = make_batches(n=4) + [make_batches(n=1, batch=5, seed=9)[0]]
+    res = lrfast.find(make_mlp(), batches, strategy="seeds", candidates=2, steps=5, **QUIET)
+    assert res.info["forward"].startswith("loop (K=2): batch 4 differs")
+
+
+class ItemModel(nn.Module):
+    """vmap can't serve .item() (data-dependent control flow): the per-candidate loop runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_mlp()
+
+    def forward(self, x):
+        return self.net(x) * (1.0 if self.net[0].weight.sum().item() > -1e9 else 2.0)
+
+
+def test_loop_fallback_where_vmap_fails_gives_the_same_curves():
+    batches = make_batches()
+    model = ItemModel()
+    res = lrfast.find(model, batches, strategy="grid", lrs=[1e-3, 1e-2], steps=10, **QUIET)
+    assert res.info["forward"].startswith("loop (K=2): vmap failed")
+    k1 = lrfast.find(model, batches, strategy="grid", lrs=[1e-2], steps=10, **QUIET)
+    np.testing.assert_allclose(res.losses[1], k1.losses[0], rtol=1e-5)
+
+
+def test_generic_optimizer_runs_one_instance_per_candidate():
+    def opt(p):
+        return torch.optim.RMSprop(p, lr=1.0, momentum=0.5)
+
+    batches, model = make_batches(), make_mlp()
+    res = lrfast.find(model, batches, optimizer=opt, strategy="grid", lrs=[1e-4, 1e-3], steps=10, **QUIET)
+    assert res.info["optimizer_path"] == "generic torch.optim"
+    k1 = lrfast.find(model, batches, optimizer=opt, strategy="grid", lrs=[1e-3], steps=10, **QUIET)
+    np.testing.assert_allclose(res.losses[1], k1.losses[0], rtol=1e-5)
+
+
+def test_max_memory_splits_k_into_chunks_with_the_same_results():
+    batches, model = make_batches(), make_mlp(batchnorm=True)
+    kw = dict(strategy="grid", lrs=[1e-4, 1e-3, 1e-2, 3e-2, 1e-1], steps=10, **QUIET)
+    whole = lrfast.find(model, batches, **kw)
+    per = whole.info["memory"]["per_candidate"]
+    assert whole.info["chunk"] == 5 and per > whole.info["memory"]["arena"] > 0
+    chunked = lrfast.find(model, batches, max_memory=2 * per, **kw)
+    assert chunked.info["chunk"] == 2 and any("chunks of 2" in n for n in chunked.info["notes"])
+    assert chunked.info["forward"] == "vmap (K=2); module (K=1)"
+    np.testing.assert_allclose(chunked.losses, whole.losses, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"max_memory=100: one candidate needs ~\d+ bytes"):
+        lrfast.find(model, batches, max_memory=100, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["seeds", "grid"])
+def test_k_candidates_leave_model_and_rng_bitwise_unchanged(strategy):
+    model = make_mlp(dropout=0.3, batchnorm=True)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model.eval()
+    before, rng = state_of(model), rng_states()
+    lrfast.find(model, make_batches(), strategy=strategy, candidates=3, steps=8, progress=False)
+    assert_same_state(before, state_of(model))
+    assert_same_rng(rng, rng_states())
+
+
+def test_k_candidates_leave_model_unchanged_after_keyboard_interrupt():
+    model = make_mlp(batchnorm=True)
+    before, rng = state_of(model), rng_states()
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(KeyboardInterrupt):
+        lrfast.find(model, make_batches(), strategy="grid", candidates=3, loss_fn=loss_fn, steps=8, progress=False)
+    assert_same_state(before, state_of(model))
+    assert_same_rng(rng, rng_states())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(candidates=0, strategy="grid"), "candidates=0 must be an integer >= 1"),
+        (dict(candidates=2.5, strategy="grid"), "candidates=2.5 must be an integer"),
+        (dict(strategy="bands"), "strategy='bands' is not a strategy"),
+        (dict(candidates=4), "strategy='sweep'.*use strategy='seeds'.*strategy='grid'"),
+        (dict(lrs=[1e-3], strategy="seeds"), "lrs=... is only for strategy='grid'"),
+        (dict(lrs=[1e-3, -1.0], strategy="grid"), "lrs=.*positive finite"),
+        (dict(lrs=[1e-3, math.inf], strategy="grid"), "lrs=.*positive finite"),
+        (dict(lrs=[1e-3], candidates=3, strategy="grid"), "candidates=3 but lrs has 1"),
+        (dict(tolerance=-1, strategy="grid"), "tolerance=-1"),
+        (dict(max_memory=0, strategy="grid"), "max_memory=0 must be a positive number"),
+    ],
+)
+def test_bad_candidate_arguments_raise_before_training(kwargs, match):
+    model = make_mlp()
+    before = state_of(model)
+    with pytest.raises(ValueError, match=match):
+        lrfast.find(model, make_batches(), steps=5, progress=False, **kwargs)
+    assert_same_state(before, state_of(model))
+
+
+@pytest.mark.parametrize("strategy", ["sweep", "seeds", "grid"])
+def test_json_round_trip_and_plot_for_every_strategy(strategy, tmp_path):
+    k = 1 if strategy == "sweep" else 3
+    res = lrfast.find(make_mlp(), make_batches(), strategy=strategy, candidates=k, min_lr=1e-4, max_lr=1.0,
+                      steps=20, progress=False)  # fmt: skip
+    res.to_json(tmp_path / "r.json")
+    back = LRFindResult.from_json(tmp_path / "r.json")
+    assert back.strategy == strategy and back.suggestion == res.suggestion and back.interval == res.interval
+    np.testing.assert_array_equal(back.losses, res.losses)
+    ax = res.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 0 and ax.get_xscale() == "log"
