@@ -44,40 +44,28 @@ _F64 = torch.float64
 # raises a clear error, or runs (fp64, CUDA). Tensors must not overlap (the kernel assumes restrict pointers).
 
 
+def _c_ready(lr, step, shape, *tensors) -> bool:
+    """True when the C++ kernel can take these arguments as they are: fp32 CPU contiguous [K, N] tensors of one
+    shape, lr float64 CPU contiguous [K], step a Python int."""
+    if _C is None or type(step) is not int or len(shape) != 2:
+        return False
+    for t in tensors:
+        if not (t.dtype is _F32 and t.is_cpu and t.shape == shape and t.is_contiguous()):
+            return False
+    return lr.dtype is _F64 and lr.is_cpu and lr.dim() == 1 and lr.numel() == shape[0] and lr.is_contiguous()
+
+
 def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
     """One SGD step for every candidate with lr[k] != 0; equals torch.optim.SGD(foreach=False) per row."""
     try:
-        shape = p.shape
-        if (
-            _C is not None
-            and type(hp) is SGDParams
-            and type(step) is int
-            and p.dtype is _F32
-            and g.dtype is _F32
-            and p.is_cpu
-            and g.is_cpu
-            and len(shape) == 2
-            and g.shape == shape
-            and p.is_contiguous()
-            and g.is_contiguous()
-            and lr.dtype is _F64
-            and lr.is_cpu
-            and lr.dim() == 1
-            and lr.numel() == shape[0]
-            and lr.is_contiguous()
-        ):
-            if hp.momentum == 0:
-                buf_ptr = 0
-            elif buf is not None and buf.dtype is _F32 and buf.is_cpu and buf.shape == shape and buf.is_contiguous():
-                buf_ptr = buf.data_ptr()
-            else:
-                buf_ptr = -1
-            if buf_ptr >= 0:
-                _C.sgd_step(
-                    p.data_ptr(), g.data_ptr(), buf_ptr, lr.data_ptr(), shape[0], shape[1], step,
-                    hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay,
-                )  # fmt: skip
-                return
+        with_buf = hp.momentum != 0
+        state = (buf,) if with_buf and buf is not None else ()
+        if type(hp) is SGDParams and (state or not with_buf) and _c_ready(lr, step, p.shape, p, g, *state):
+            _C.sgd_step(
+                p.data_ptr(), g.data_ptr(), buf.data_ptr() if with_buf else 0, lr.data_ptr(), p.shape[0], p.shape[1],
+                step, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay,
+            )  # fmt: skip
+            return
     except AttributeError:
         pass
     reference.sgd_step(p, g, buf, lr, step, hp)
@@ -87,35 +75,9 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams) -> None:
     """One Adam / AdamW (hp.decoupled) step for every candidate with lr[k] != 0; equals torch.optim.Adam / AdamW
     (foreach=False) per row."""
     try:
-        shape = p.shape
-        if (
-            _C is not None
-            and type(hp) is AdamParams
-            and type(step) is int
-            and p.dtype is _F32
-            and g.dtype is _F32
-            and m.dtype is _F32
-            and v.dtype is _F32
-            and p.is_cpu
-            and g.is_cpu
-            and m.is_cpu
-            and v.is_cpu
-            and len(shape) == 2
-            and g.shape == shape
-            and m.shape == shape
-            and v.shape == shape
-            and p.is_contiguous()
-            and g.is_contiguous()
-            and m.is_contiguous()
-            and v.is_contiguous()
-            and lr.dtype is _F64
-            and lr.is_cpu
-            and lr.dim() == 1
-            and lr.numel() == shape[0]
-            and lr.is_contiguous()
-        ):
+        if type(hp) is AdamParams and _c_ready(lr, step, p.shape, p, g, m, v):
             _C.adam_step(
-                p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), shape[0], shape[1], step,
+                p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p.shape[1], step,
                 hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled,
             )  # fmt: skip
             return
