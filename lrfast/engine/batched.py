@@ -38,7 +38,6 @@ class BatchedStep:
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
         all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
-        self.arena.zero_grad()
         self.calls += 1
         if self.mode == "vmap":
             try:
@@ -48,7 +47,6 @@ class BatchedStep:
                     raise
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
-                self.arena.zero_grad()
                 loss = self._loop(item)
         else:
             loss = self._loop(item)
@@ -76,6 +74,7 @@ class BatchedStep:
         return loss.detach()
 
     def _loop(self, item) -> torch.Tensor:
+        self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         losses = []
         for k in range(self.arena.k):
             split = item[k] if isinstance(item, list) else item
