@@ -103,8 +103,7 @@ def find(
         with _progress_bar(progress, steps * math.ceil(k / chunk)) as bar:
             for lo in range(0, k, chunk):
                 hi = min(k, lo + chunk)
-                for p, data, _ in snap.params:  # the model points into the last chunk's arena: back to the user's
-                    p.data = data  # weights (never written), which the next arena copies
+                snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
                 out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
                                  device, smooth, early_stop_threshold, bar)  # fmt: skip

@@ -25,6 +25,11 @@ def _range_options(p: argparse.ArgumentParser, min_lr: float, max_lr: float, opt
                    help="suggestion method (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: where the model is)")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG during the run (default %(default)s)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="K LR candidates in one pass (strategies seeds and grid; default 8 for them)")
+    p.add_argument("--strategy", default="sweep", choices=["sweep", "seeds", "grid"],
+                   help="sweep: one range test; seeds: K replicas -> median and interval; grid: K fixed LRs "
+                   "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,15 +118,24 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
         model, loader, optimizer=optimizer, loss_fn=loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
         steps=args.steps, mode=args.mode, smooth=args.smooth,
         early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
     )  # fmt: skip
     t = result.timings
-    print(f"suggested LR ({result.method}): {_fmt(result.suggestion)}")
-    others = ", ".join(f"{m} {_fmt(v)}" for m, v in result.suggestions().items() if m != result.method)
-    print(f"other methods: {others}")
+    if result.strategy == "grid":
+        print(f"suggested LR (grid: the largest LR scoring within {result.tolerance:g} of the best): "
+              f"{_fmt(result.suggestion)}")  # fmt: skip
+        print("scores (mean loss, last 10 % of steps): " + ", ".join(
+            f"{lr:.3g}: {s:.4g}" for lr, s in zip(result.lrs[:, 0], result.scores)))  # fmt: skip
+    else:
+        interval = result.interval
+        around = "" if interval is None else f" (10-90 % over {result.k} replicas: {_fmt(interval[0])} .. " \
+            f"{_fmt(interval[1])})"
+        print(f"suggested LR ({result.method}{', median' if interval else ''}): {_fmt(result.suggestion)}{around}")
+        others = ", ".join(f"{m} {_fmt(v)}" for m, v in result.suggestions().items() if m != result.method)
+        print(f"other methods{' (replica 0)' if result.k > 1 else ''}: {others}")
     print(f"steps run: {result.steps_run}/{args.steps}  time: total {t['total']:.2f} s (setup {t['setup']:.2f} s, "
           f"steps {t['steps']:.2f} s, {1e3 * t['steps'] / max(result.steps_run, 1):.2f} ms/step)  "
-          f"optimizer: {result.info['optimizer']} ({result.info['optimizer_path']})")  # fmt: skip
+          f"optimizer: {result.info['optimizer']} ({result.info['optimizer_path']}), forward: {result.info['forward']}")
     if out is not None:
         png, js = os.path.join(out, "lr_find.png"), os.path.join(out, "lr_find.json")
         result.plot(png)

@@ -56,6 +56,7 @@ def _sweep(result, ax, raw, methods) -> None:
         t = int(np.nanargmin(np.abs(np.log(result.lrs[0]) - np.log(lr))))
         ax.plot([lr], [result.smoothed[0][t]], "o", ms=8, color=f"C{(i + 3) % 10}",
                 label=f"{method}: {lr:.3g}")  # fmt: skip
+    _limit_y(ax, result.smoothed)
     ax.set_ylabel("loss")
     ax.set_title(f"LR range test ({result.steps_run} steps)")
 
@@ -96,3 +97,12 @@ def _grid(result, axes) -> None:
             axes[1].plot(result.losses[k], color=f"C{k % 10}", lw=1.0, label=f"lr {lrs[k]:.3g}")
         axes[1].set_ylabel("loss")
         axes[1].set_title("training curves")
+
+
+def _limit_y(ax, smoothed) -> None:
+    """Scale the y axis to the smoothed curves: a raw loss spiking 40x at divergence would flatten the curve."""
+    finite = smoothed[np.isfinite(smoothed)]
+    if finite.size:
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)

@@ -67,6 +67,13 @@ class Snapshot:
         for m, name, b in self.buffers:
             m._buffers[name] = b.detach().to(device, copy=True)
 
+    def unlend(self) -> None:
+        """Point the parameters back at the user's tensors (never written), e.g. before the next chunk's arena
+        copies them. Grads and buffers are set again by the next lend()."""
+        for p, data, _ in self.params:
+            p.grad = None
+            p.data = data
+
     def restore(self) -> None:
         try:
             for m, flag in self.training:

@@ -59,3 +59,12 @@ def test_unwritable_out_is_refused_before_training(tmp_path):
 def test_info_prints_backends(capsys):
     assert main(["info"]) == 0
     assert "cpu_kernels" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("strategy", ["grid", "seeds"])
+def test_demo_runs_k_candidates_with_a_strategy(tmp_path, capsys, strategy):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--steps", "12", "--strategy", strategy,
+                 "--candidates", "3"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert ("scores" in out) if strategy == "grid" else ("10-90 % over 3 replicas" in out)
+    assert LRFindResult.from_json(tmp_path / "lr_find.json").k == 3
