@@ -221,3 +221,25 @@ def test_info_reports_backends():
     assert info["cpu_kernels"] in ("cpp", "reference")
     assert (info["cpu_kernels"] == "cpp") == (info["cpu_kernels_why_not_cpp"] is None)
     assert info["cuda"] == torch.cuda.is_available()
+
+
+def test_progress_bar_shows_steps_per_second_and_the_best_lr_so_far(monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    import lrfast.api
+
+    out = io.StringIO()
+    monkeypatch.setattr(lrfast.api, "_progress_bar", lambda progress, steps: tqdm(
+        total=steps, unit="step", file=out, disable=False, mininterval=0))  # fmt: skip
+    lrfast.find(make_mlp(), make_batches(), steps=30)
+    text = out.getvalue()
+    assert "step/s" in text and "best loss at lr" in text
+
+
+def test_progress_false_and_non_tty_print_nothing(capsys):
+    lrfast.find(make_mlp(), make_batches(), steps=10, progress=True)  # stderr is captured: not a terminal
+    lrfast.find(make_mlp(), make_batches(), steps=10, progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

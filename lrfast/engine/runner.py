@@ -25,6 +25,7 @@ class Tracker:
         self.best = torch.full((k,), math.inf, **f64)
         self.alive = torch.ones(k, dtype=torch.bool, device=device)
         self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
+        self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
         self.beta, self.threshold = smooth, threshold
         self._nan = torch.tensor(math.nan, **f64)
 
@@ -35,6 +36,7 @@ class Tracker:
         smoothed = self.avg / (1.0 - b ** (t + 1))
         self.losses[:, t] = torch.where(alive, loss, self._nan)
         self.smoothed[:, t] = torch.where(alive, smoothed, self._nan)
+        self.best_step = torch.where(alive & (smoothed < self.best), t, self.best_step)
         self.best = torch.where(alive, torch.fmin(self.best, smoothed), self.best)
         bad = ~torch.isfinite(smoothed)
         if self.threshold is not None:
@@ -73,4 +75,7 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
             arena.update(lr, t + 1)
         if bar is not None:
             bar.update(1)
+            if t % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps
+                k = int(torch.argmin(tracker.best))
+                bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")
     return steps
