@@ -1,0 +1,1 @@
+"""Integrations of lrfast with training frameworks (optional: each module imports its framework lazily)."""
