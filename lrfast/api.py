@@ -16,7 +16,7 @@ from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
 from lrfast.engine import batched, runner
 from lrfast.engine.arena import Arena
-from lrfast.engine.step import ModuleStep
+from lrfast.engine.step import Accumulate, ModuleStep
 from lrfast.kernels import cpu as cpu_kernels
 from lrfast.result import LRFindResult
 from lrfast.state import Snapshot, capture_rng, restore_rng, seed_all
@@ -43,6 +43,7 @@ def find(
     lrs=None,
     tolerance: float = 0.05,
     max_memory: int | None = None,
+    accumulate: int = 1,
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -71,11 +72,17 @@ def find(
     activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
     the chunk size too.
 
+    `accumulate=N` averages the grads and losses of N micro-batches per step (N x steps batches are taken): the
+    same as one step on their concatenation for a mean-reduced loss.
+
     The model's parameters, grads, buffers, training flags, the optimizer and the torch / numpy / python RNG states
     are bitwise unchanged afterwards, also after an exception or Ctrl-C. No file is written."""
     t0 = time.perf_counter()
     _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, early_stop_threshold, suggestion, seed, progress)
     k = strategies.check(strategy, candidates, lrs, tolerance)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, numbers.Integral) or accumulate < 1:
+        raise ValueError(f"accumulate={accumulate!r} must be an integer >= 1 (micro-batches averaged per step); "
+                         "e.g. accumulate=4")  # fmt: skip
     if max_memory is not None and (not _is_real(max_memory) or not max_memory > 0):
         raise ValueError(f"max_memory={max_memory!r} must be a positive number of bytes, or None for a safe "
                          "fraction of the free memory; e.g. max_memory=2**30")  # fmt: skip
@@ -93,9 +100,11 @@ def find(
     steps_run = 0
     try:
         seed_all(seed)
-        splits = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(loader, steps)]
+        micro = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(loader, steps * accumulate)]
+        # splits[t]: what step t trains on: one batch, or with accumulate=N a list of N micro-batches
+        splits = micro if accumulate == 1 else [micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)]
         rng = capture_rng()
-        chunk, memory = _chunk_size(model, plan, splits[0], loss_fn, device, k, max_memory)
+        chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, k, max_memory)
         if chunk < k:
             notes.append(f"max_memory: {k} candidates need ~{memory['per_candidate'] * k / 2**20:.1f} MiB, "
                          f"{memory['budget'] / 2**20:.1f} MiB allowed: run in chunks of {chunk}")  # fmt: skip
@@ -106,7 +115,7 @@ def find(
                 snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
                 out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
-                                 device, smooth, early_stop_threshold, bar)  # fmt: skip
+                                 device, smooth, early_stop_threshold, bar, accumulate)  # fmt: skip
                 losses[lo:hi], smoothed[lo:hi] = out["losses"], out["smoothed"]
                 steps_run = max(steps_run, out["steps_run"])
                 forward.append(out["forward"])
@@ -134,9 +143,10 @@ def find(
                         strategy=strategy, tolerance=float(tolerance))  # fmt: skip
 
 
-def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar) -> dict:
+def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
+               accumulate) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
-    K > 1 batched."""
+    K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate."""
     c, steps = table.shape
     arena = Arena(plan, c, device)
     snap.lend(arena.segments, device)
@@ -147,23 +157,34 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
         inputs = [splits[i] for i in orders[0]]
     else:
         shared = strategy != "seeds"
-        why = "" if shared else batched.stackable(splits)
+        flat = splits if accumulate == 1 else [s for group in splits for s in group]
+        why = "" if shared else batched.stackable(flat)
         step = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
                                    why_loop=why)  # fmt: skip
-        inputs = splits if shared else [[splits[i] for i in orders[:, t]] for t in range(steps)]
+        if shared:
+            inputs = splits
+        elif accumulate == 1:
+            inputs = [[splits[i] for i in orders[:, t]] for t in range(steps)]
+        else:  # micro-batch i of step t: one per candidate, from that candidate's batch order
+            inputs = [[[splits[i][m] for i in orders[:, t]] for m in range(accumulate)] for t in range(steps)]
         if plan.kind == "generic":
             generic = batched.candidate_optimizers(plan, arena)
+    inner = step
+    if accumulate > 1:
+        step = Accumulate(step, arena)
     tracker = runner.Tracker(c, steps, smooth, threshold, device)
     lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
     steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic)
     if c == 1:
         forward = "module (K=1)"
-        if step.copy_grads:
+        if inner.copy_grads:
             notes.append("grads copied into the arena (autograd replaced the preset .grad)")
     else:
-        forward = f"vmap (K={c})" if step.mode == "vmap" else f"loop (K={c}): {step.why}"
+        forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
+    if accumulate > 1:
+        forward += f", {accumulate} micro-batches per step"
     return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
-            "steps_run": steps_run, "forward": forward, "loss": step.loss_desc, "notes": notes}  # fmt: skip
+            "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc, "notes": notes}  # fmt: skip
 
 
 def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:

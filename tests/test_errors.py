@@ -47,6 +47,7 @@ CASES = {
     "smooth_one": (make_mlp, BATCHES, {"smooth": 1.0}, ValueError, ["smooth=1.0", "[0, 1)"]),
     "threshold_below_one": (make_mlp, BATCHES, {"early_stop_threshold": 0.5}, ValueError,
                             ["early_stop_threshold=0.5", "None"]),  # fmt: skip
+    "accumulate_zero": (make_mlp, BATCHES, {"accumulate": 0}, ValueError, ["accumulate=0", ">= 1"]),
     "seed_negative": (make_mlp, BATCHES, {"seed": -1}, ValueError, ["seed=-1"]),
     "not_a_model": (lambda: "model", BATCHES, {}, TypeError, ["model=str", "nn.Module"]),
     "frozen_model": (_frozen, BATCHES, {}, ValueError, ["no trainable parameters", "requires_grad"]),

@@ -243,3 +243,17 @@ def test_progress_false_and_non_tty_print_nothing(capsys):
     lrfast.find(make_mlp(), make_batches(), steps=10, progress=False)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("strategy,k", [("sweep", None), ("grid", 3), ("seeds", 2)])
+def test_accumulate_equals_one_step_on_the_concatenated_batch(strategy, k):
+    micro = make_batches(n=8, batch=8)
+    whole = [(torch.cat([micro[2 * i][0], micro[2 * i + 1][0]]), torch.cat([micro[2 * i][1], micro[2 * i + 1][1]]))
+             for i in range(4)]  # fmt: skip
+    kwargs = dict(min_lr=1e-4, max_lr=1e-2, steps=4, early_stop_threshold=None, progress=False, strategy=strategy,
+                  candidates=k)  # fmt: skip
+    a = lrfast.find(make_mlp(), micro, accumulate=2, **kwargs)
+    b = lrfast.find(make_mlp(), whole, **kwargs)
+    # sum of two half-batch means / 2 vs one mean over 16: fp32 rounding only
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6, atol=1e-7)
+    assert "2 micro-batches per step" in a.info["forward"]

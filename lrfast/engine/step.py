@@ -73,3 +73,24 @@ class ModuleStep:
                 elif p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)
                     p.grad = view
+
+
+class Accumulate:
+    """Gradient accumulation: a step over N micro-batches whose grads and losses are averaged, which equals one
+    step on their concatenation for a mean-reduced loss and micro-batches of one size. Wraps ModuleStep or
+    BatchedStep (each call of which leaves one micro-batch's grads in the arena)."""
+
+    def __init__(self, step, arena: Arena):
+        self.step, self.arena = step, arena
+        self.sums = [torch.empty_like(seg.g) for seg in arena.segments]
+
+    def __call__(self, items: list) -> torch.Tensor:
+        total = None
+        for i, item in enumerate(items):
+            loss = self.step(item)
+            for acc, seg in zip(self.sums, self.arena.segments):
+                acc.copy_(seg.g) if i == 0 else acc.add_(seg.g)
+            total = loss if total is None else total + loss
+        for acc, seg in zip(self.sums, self.arena.segments):
+            torch.div(acc, len(items), out=seg.g)
+        return total / len(items)
