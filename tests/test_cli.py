@@ -68,3 +68,38 @@ def test_demo_runs_k_candidates_with_a_strategy(tmp_path, capsys, strategy):
     out = capsys.readouterr().out
     assert ("scores" in out) if strategy == "grid" else ("10-90 % over 3 replicas" in out)
     assert LRFindResult.from_json(tmp_path / "lr_find.json").k == 3
+
+
+def _write_idx(path, array, gz=False):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    code = {np.uint8: 0x08, np.int32: 0x0C}[array.dtype.type]
+    data = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.astype(array.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def test_demo_reads_fashion_mnist_idx_files_with_data_dir(tmp_path, capsys):
+    import numpy as np
+
+    from lrfast import data
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), rng.integers(0, 10, 200).astype(np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, gz=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    ds = data.fashion_mnist(tmp_path)
+    assert ds.tensors[0].shape == (200, 1, 28, 28) and ds.tensors[1].tolist() == labels.tolist()
+    assert float(ds.tensors[0].min()) == -1.0 and float(ds.tensors[0].max()) == 1.0
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["demo", "--data", str(tmp_path), "--out", str(out), "--steps", "5", "--no-progress"]) == 0
+    assert "suggested LR" in capsys.readouterr().out
+
+
+def test_data_dir_without_idx_files_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        main(["demo", "--data", str(tmp_path), "--no-progress"])

@@ -257,3 +257,36 @@ def test_accumulate_equals_one_step_on_the_concatenated_batch(strategy, k):
     # sum of two half-batch means / 2 vs one mean over 16: fp32 rounding only
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6, atol=1e-7)
     assert "2 micro-batches per step" in a.info["forward"]
+
+
+def test_tensor_batches_call_the_model_with_the_tensor_and_loss_fn_with_output_and_batch():
+    torch.manual_seed(0)
+    auto = nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 8))
+    data = [torch.randn(16, 8) for _ in range(3)]
+    res = lrfast.find(auto, data, loss_fn=lambda out, x: nn.functional.mse_loss(out, x), steps=6, progress=False)
+    assert res.info["loss"] == "loss_fn(output, batch)" and np.isfinite(res.losses).all()
+
+
+def test_hugging_face_style_model_takes_dict_batches_and_returns_output_with_loss():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:  # the shape of a transformers ModelOutput: attributes, loss first
+        loss: torch.Tensor | None
+        logits: torch.Tensor
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 20)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            logits = self.head(self.emb(input_ids))
+            loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            return Output(loss, logits)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (6, 4, 5))
+    batches = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    res = lrfast.find(TinyLM(), batches, steps=12, progress=False)
+    assert res.info["loss"] == "output.loss" and res.steps_run == 12 and np.isfinite(res.losses).all()
