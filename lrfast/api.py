@@ -44,6 +44,10 @@ def find(
     tolerance: float = 0.05,
     max_memory: int | None = None,
     accumulate: int = 1,
+    val_loader: Iterable | None = None,
+    val_batches: int = 4,
+    val_every: int = 10,
+    on: str = "train",
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -72,6 +76,9 @@ def find(
     activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
     the chunk size too.
 
+    `val_loader`: the first `val_batches` batches are cached and every candidate is scored on them (eval mode, no
+    grad, training unchanged) after the update of every `val_every`-th step; `result.val_losses` holds them and
+    `on="val"` makes the suggestion use them instead of the smoothed training loss.
     `accumulate=N` averages the grads and losses of N micro-batches per step (N x steps batches are taken): the
     same as one step on their concatenation for a mean-reduced loss.
 
@@ -80,6 +87,7 @@ def find(
     t0 = time.perf_counter()
     _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, early_stop_threshold, suggestion, seed, progress)
     k = strategies.check(strategy, candidates, lrs, tolerance)
+    _check_val(val_loader, val_batches, val_every, on)
     if isinstance(accumulate, bool) or not isinstance(accumulate, numbers.Integral) or accumulate < 1:
         raise ValueError(f"accumulate={accumulate!r} must be an integer >= 1 (micro-batches averaged per step); "
                          "e.g. accumulate=4")  # fmt: skip
@@ -96,7 +104,7 @@ def find(
 
     snap = Snapshot(model)
     notes, forward = [], []
-    losses, smoothed = np.full((k, steps), np.nan), np.full((k, steps), np.nan)
+    losses, smoothed, val_losses = (np.full((k, steps), np.nan) for _ in range(3))
     steps_run = 0
     try:
         seed_all(seed)
@@ -104,6 +112,9 @@ def find(
         # splits[t]: what step t trains on: one batch, or with accumulate=N a list of N micro-batches
         splits = micro if accumulate == 1 else [micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)]
         rng = capture_rng()
+        val = None
+        if val_loader is not None:
+            val = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(val_loader, val_batches)]
         chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, k, max_memory)
         if chunk < k:
             notes.append(f"max_memory: {k} candidates need ~{memory['per_candidate'] * k / 2**20:.1f} MiB, "
@@ -115,8 +126,8 @@ def find(
                 snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
                 out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
-                                 device, smooth, early_stop_threshold, bar, accumulate)  # fmt: skip
-                losses[lo:hi], smoothed[lo:hi] = out["losses"], out["smoothed"]
+                                 device, smooth, early_stop_threshold, bar, accumulate, val, val_every)  # fmt: skip
+                losses[lo:hi], smoothed[lo:hi], val_losses[lo:hi] = out["losses"], out["smoothed"], out["val"]
                 steps_run = max(steps_run, out["steps_run"])
                 forward.append(out["forward"])
                 notes += [n for n in out["notes"] if n not in notes]
@@ -140,11 +151,12 @@ def find(
         info["chunk"] = chunk
     timings = {"setup": t_setup - t0, "steps": t_steps - t_setup, "total": time.perf_counter() - t0}
     return LRFindResult(table, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info,
-                        strategy=strategy, tolerance=float(tolerance))  # fmt: skip
+                        strategy=strategy, tolerance=float(tolerance),
+                        val_losses=val_losses if val_loader is not None else None, on=on)  # fmt: skip
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
-               accumulate) -> dict:  # fmt: skip
+               accumulate, val, val_every) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
     K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate."""
     c, steps = table.shape
@@ -174,7 +186,8 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
         step = Accumulate(step, arena)
     tracker = runner.Tracker(c, steps, smooth, threshold, device)
     lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
-    steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic)
+    steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
+                           val_every=val_every)  # fmt: skip
     if c == 1:
         forward = "module (K=1)"
         if inner.copy_grads:
@@ -184,6 +197,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     if accumulate > 1:
         forward += f", {accumulate} micro-batches per step"
     return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
+            "val": tracker.val.cpu().numpy(),
             "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc, "notes": notes}  # fmt: skip
 
 
@@ -201,6 +215,17 @@ def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int
                          f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
                          "memory")  # fmt: skip
     return int(fit), {**parts, "per_candidate": per, "budget": budget}
+
+
+def _check_val(val_loader, val_batches, val_every, on) -> None:
+    for name, value in (("val_batches", val_batches), ("val_every", val_every)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1; e.g. {name}=4")
+    if on not in ("train", "val"):
+        raise ValueError(f"on={on!r} is not a curve; use 'train' (smoothed training loss) or 'val' (needs val_loader)")
+    if on == "val" and val_loader is None:
+        raise ValueError("on='val' needs validation losses: pass val_loader=... (its first val_batches batches are "
+                         "scored every val_every steps)")  # fmt: skip
 
 
 def _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, threshold, suggestion, seed, progress) -> None:

@@ -29,6 +29,8 @@ class LRFindResult:
     info: dict = field(default_factory=dict)
     strategy: str = "sweep"  # "sweep" | "seeds" | "grid" (see lrfast.strategies)
     tolerance: float = 0.05  # grid: suggestion = the largest LR whose score <= best + tolerance * |best|
+    val_losses: np.ndarray | None = None  # [K, S] validation loss after step t's update, NaN where not evaluated
+    on: str = "train"  # the curve suggestions use: "train" (smoothed training loss) or "val" (validation loss)
 
     def __post_init__(self):
         self.lrs, self.losses, self.smoothed = (np.asarray(a, dtype=np.float64) for a in
@@ -43,6 +45,10 @@ class LRFindResult:
         if self.strategy not in strategies.STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not a strategy; use one of: "
                              f"{', '.join(strategies.STRATEGIES)}")  # fmt: skip
+        if self.val_losses is not None:
+            self.val_losses = np.asarray(self.val_losses, dtype=np.float64).reshape(self.lrs.shape)
+        if self.on not in ("train", "val") or (self.on == "val" and self.val_losses is None):
+            raise ValueError(f"on={self.on!r}: use 'train', or 'val' with a val_loader (validation losses)")
         if self.method not in _suggest.METHODS:
             raise ValueError(f"suggestion={self.method!r} is not a method; use one of: {', '.join(_suggest.METHODS)}")
 
@@ -70,8 +76,22 @@ class LRFindResult:
 
     @property
     def scores(self) -> np.ndarray:
-        """grid: [K] mean raw loss over the last 10 % of the steps (inf where diverged)."""
-        return strategies.grid_scores(self.losses)
+        """grid: [K] mean raw loss over the last 10 % of the steps (on="val": of the evaluations; inf where
+        diverged)."""
+        return strategies.grid_scores(self._val_columns()[1] if self.on == "val" else self.losses)
+
+    def _val_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lrs, val_losses) [K, E] at the E steps where the validation set was scored."""
+        evaluated = ~np.all(np.isnan(self.val_losses), axis=0)
+        return self.lrs[:, evaluated], self.val_losses[:, evaluated]
+
+    def curve(self, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(lrs, losses) of candidate k that suggestions use: the smoothed training curve, or (on="val") the
+        validation losses at the steps where they were scored."""
+        if self.on == "val":
+            lrs, val = self._val_columns()
+            return lrs[k], val[k]
+        return self.lrs[k], self.smoothed[k]
 
     @property
     def band(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,11 +105,11 @@ class LRFindResult:
 
     def suggest(self, method: str | None = None, k: int = 0) -> float | None:
         """Candidate k's suggestion by `method` (steepest, steepest_log, torch_lr_finder, valley, slide, minimum,
-        steep) on the smoothed curve of the steps it ran."""
-        return _suggest.suggest(method or self.method, self.lrs[k], self.smoothed[k])
+        steep) on the smoothed curve of the steps it ran (on="val": on the validation losses)."""
+        return _suggest.suggest(method or self.method, *self.curve(k))
 
     def suggestions(self, k: int = 0) -> dict[str, float | None]:
-        return _suggest.all_methods(self.lrs[k], self.smoothed[k])
+        return _suggest.all_methods(*self.curve(k))
 
     def plot(self, path: str | os.PathLike | None = None, ax=None, **kwargs):
         """Log-x loss curve with the suggestion marked; returns the matplotlib Axes. Writes `path` if given."""
@@ -110,6 +130,8 @@ class LRFindResult:
             "lrs": _nan_to_none(self.lrs),
             "losses": _nan_to_none(self.losses),
             "smoothed": _nan_to_none(self.smoothed),
+            "val_losses": None if self.val_losses is None else _nan_to_none(self.val_losses),
+            "on": self.on,
             "timings": self.timings,
             "info": self.info,
         }
@@ -153,7 +175,9 @@ class LRFindResult:
         arrays = [np.array(_none_to_nan(d[key]), dtype=np.float64) for key in ("lrs", "losses", "smoothed")]
         return cls(*arrays, steps_run=int(d["steps_run"]), method=d.get("method", "valley"),
                    timings=d.get("timings", {}), info=d.get("info", {}), strategy=d.get("strategy", "sweep"),
-                   tolerance=float(d.get("tolerance", 0.05)))  # fmt: skip
+                   tolerance=float(d.get("tolerance", 0.05)), on=d.get("on", "train"),
+                   val_losses=None if d.get("val_losses") is None else np.array(_none_to_nan(d["val_losses"]),
+                                                                                  dtype=np.float64))  # fmt: skip
 
     def __repr__(self) -> str:
         s = self.suggestion

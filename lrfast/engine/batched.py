@@ -54,6 +54,25 @@ class BatchedStep:
             _check_first(loss)
         return loss
 
+    @torch.no_grad()
+    def evaluate(self, splits: list[Split]) -> torch.Tensor:
+        """Every candidate's mean loss over the cached validation batches, in eval mode; returns [K]."""
+        params = dict(zip(self.names, self.p))
+        self.model.eval()
+        try:
+            total = 0
+            for s in splits:
+                if self.mode == "vmap":
+                    f = vmap(self._loss, in_dims=(0, 0, None, None, None), randomness="same")
+                    total = total + f(params, self.buffers, s.args, s.kwargs, s.target)
+                else:
+                    total = total + torch.stack([
+                        self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
+                                   s.args, s.kwargs, s.target).reshape(()) for k in range(self.arena.k)])  # fmt: skip
+        finally:
+            self.model.train()
+        return total / len(splits)
+
     def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target) -> torch.Tensor:
         split = Split(args, kwargs, target)
         out = functional_call(self.model, {**params, **buffers}, args, kwargs)

@@ -26,6 +26,7 @@ class Tracker:
         self.alive = torch.ones(k, dtype=torch.bool, device=device)
         self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
         self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
+        self.val = torch.full((k, steps), math.nan, **f64)
         self.beta, self.threshold = smooth, threshold
         self._nan = torch.tensor(math.nan, **f64)
 
@@ -47,10 +48,12 @@ class Tracker:
 
 
 def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
-        bar=None, check_every: int = 1, generic: list | None = None) -> int:  # fmt: skip
+        bar=None, check_every: int = 1, generic: list | None = None, val: list | None = None,
+        val_every: int = 1) -> int:  # fmt: skip
     """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
     stopped). lr_table is [S, K] float64 on the device; splits[t] is what `step` takes at step t. `generic`: with
-    K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers)."""
+    K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers). `val`: cached
+    validation batches, scored (step.evaluate) after the update of every `val_every`-th step and of the last."""
     steps = lr_table.shape[0]
     for t in range(steps):
         loss = step(splits[t])
@@ -73,6 +76,8 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
         else:
             lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
             arena.update(lr, t + 1)
+        if val is not None and ((t + 1) % val_every == 0 or t + 1 == steps):
+            tracker.val[:, t] = torch.where(tracker.alive, step.evaluate(val).to(torch.float64), tracker._nan)
         if bar is not None:
             bar.update(1)
             if t % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps

@@ -32,6 +32,17 @@ class ModuleStep:
             self._copy_grads()
         return loss.detach().reshape(1)
 
+    @torch.no_grad()
+    def evaluate(self, splits: list[Split]) -> torch.Tensor:
+        """Mean loss over the cached validation batches in eval mode (no dropout, BatchNorm running stats used,
+        not updated), without touching grads or training; returns [1]."""
+        self.model.eval()
+        try:
+            total = sum(self.loss_f(self.model(*s.args, **s.kwargs), s).detach().reshape(1) for s in splits)
+        finally:
+            self.model.train()
+        return total / len(splits)
+
     def _first(self, out, split: Split) -> torch.Tensor:
         """The first step, checked: a usable loss that is a finite scalar, grads landing in the arena."""
         self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
@@ -94,3 +105,6 @@ class Accumulate:
         for acc, seg in zip(self.sums, self.arena.segments):
             torch.div(acc, len(items), out=seg.g)
         return total / len(items)
+
+    def evaluate(self, splits: list) -> torch.Tensor:
+        return self.step.evaluate(splits)
