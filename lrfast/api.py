@@ -14,7 +14,7 @@ from torch import nn
 from lrfast import batches as _batches
 from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
-from lrfast.engine import batched, runner
+from lrfast.engine import amp, batched, runner
 from lrfast.engine.arena import Arena
 from lrfast.engine.step import Accumulate, ModuleStep
 from lrfast.kernels import cpu as cpu_kernels
@@ -48,6 +48,7 @@ def find(
     val_batches: int = 4,
     val_every: int = 10,
     on: str = "train",
+    precision: str = "fp32",
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -79,6 +80,8 @@ def find(
     `val_loader`: the first `val_batches` batches are cached and every candidate is scored on them (eval mode, no
     grad, training unchanged) after the update of every `val_every`-th step; `result.val_losses` holds them and
     `on="val"` makes the suggestion use them instead of the smoothed training loss.
+    `precision`: "fp32", or "bf16" / "fp16" autocast around the forward (fp32 weights and optimizer state); fp16
+    keeps one dynamic loss scale per candidate, so an overflow skips only that candidate's step.
     `accumulate=N` averages the grads and losses of N micro-batches per step (N x steps batches are taken): the
     same as one step on their concatenation for a mean-reduced loss.
 
@@ -88,6 +91,8 @@ def find(
     _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, early_stop_threshold, suggestion, seed, progress)
     k = strategies.check(strategy, candidates, lrs, tolerance)
     _check_val(val_loader, val_batches, val_every, on)
+    if precision not in amp.PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; use one of: {', '.join(amp.PRECISIONS)}")
     if isinstance(accumulate, bool) or not isinstance(accumulate, numbers.Integral) or accumulate < 1:
         raise ValueError(f"accumulate={accumulate!r} must be an integer >= 1 (micro-batches averaged per step); "
                          "e.g. accumulate=4")  # fmt: skip
@@ -126,7 +131,8 @@ def find(
                 snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
                 out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
-                                 device, smooth, early_stop_threshold, bar, accumulate, val, val_every)  # fmt: skip
+                                 device, smooth, early_stop_threshold, bar, accumulate, val, val_every,
+                                 precision)  # fmt: skip
                 losses[lo:hi], smoothed[lo:hi], val_losses[lo:hi] = out["losses"], out["smoothed"], out["val"]
                 steps_run = max(steps_run, out["steps_run"])
                 forward.append(out["forward"])
@@ -156,7 +162,7 @@ def find(
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
-               accumulate, val, val_every) -> dict:  # fmt: skip
+               accumulate, val, val_every, precision) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
     K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate."""
     c, steps = table.shape
@@ -164,15 +170,16 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     snap.lend(arena.segments, device)
     model.train()
     notes, generic = [], None
+    scaler = amp.Scaler(c, device) if precision == "fp16" else None
     if c == 1:
-        step = ModuleStep(model, arena, loss_fn)
+        step = ModuleStep(model, arena, loss_fn, precision, scaler)
         inputs = [splits[i] for i in orders[0]]
     else:
         shared = strategy != "seeds"
         flat = splits if accumulate == 1 else [s for group in splits for s in group]
         why = "" if shared else batched.stackable(flat)
         step = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
-                                   why_loop=why)  # fmt: skip
+                                   why_loop=why, precision=precision, scaler=scaler)  # fmt: skip
         if shared:
             inputs = splits
         elif accumulate == 1:
@@ -187,7 +194,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     tracker = runner.Tracker(c, steps, smooth, threshold, device)
     lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
     steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
-                           val_every=val_every)  # fmt: skip
+                           val_every=val_every, scaler=scaler)  # fmt: skip
     if c == 1:
         forward = "module (K=1)"
         if inner.copy_grads:
@@ -196,6 +203,10 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
         forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
     if accumulate > 1:
         forward += f", {accumulate} micro-batches per step"
+    if precision != "fp32":
+        forward += f", {precision} autocast"
+    if scaler is not None and bool(scaler.skipped.any()):
+        notes.append(f"fp16: steps skipped on overflow per candidate: {scaler.skipped.tolist()}")
     return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
             "val": tracker.val.cpu().numpy(),
             "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc, "notes": notes}  # fmt: skip

@@ -19,12 +19,15 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
 from lrfast.batches import Split, resolve_loss
+from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
 
 
 class BatchedStep:
-    def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = ""):
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = "",
+                 precision: str = "fp32", scaler=None):  # fmt: skip
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
+        self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for seg in arena.segments for p in seg.params]
@@ -33,7 +36,7 @@ class BatchedStep:
         self.buffers = _clone_buffers(model, arena.k)
         self.mode, self.why = ("loop", why_loop) if why_loop else ("vmap", "")
         self.calls = 0
-        self._vf = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None, None), randomness=randomness)
+        self._vf = vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0), randomness=randomness)
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -75,22 +78,32 @@ class BatchedStep:
 
     def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target) -> torch.Tensor:
         split = Split(args, kwargs, target)
-        out = functional_call(self.model, {**params, **buffers}, args, kwargs)
-        if self.loss_f is None:
-            self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
-        return self.loss_f(out, split)
+        with autocast(self.arena.device, self.precision):
+            out = functional_call(self.model, {**params, **buffers}, args, kwargs)
+            if self.loss_f is None:
+                self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+            return self.loss_f(out, split).float()
+
+    def _scaled_loss(self, params, buffers, args, kwargs, target, scale) -> torch.Tensor:
+        """The loss times the candidate's fp16 loss scale (1 without one): a power of two, so loss / scale is exact."""
+        return self._loss(params, buffers, args, kwargs, target) * scale
+
+    def _scales(self) -> torch.Tensor:
+        if self.scaler is not None:
+            return self.scaler.scale
+        return torch.ones(self.arena.k, device=self.arena.device)
 
     def _vmap(self, item) -> torch.Tensor:
         params = dict(zip(self.names, self.p))
         if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
             s = _stack(item)
             dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, (s.args, s.kwargs, s.target))
-            f = vmap(grad_and_value(self._loss), in_dims=(0, 0, *dims), randomness=self.randomness)
-            grads, loss = f(params, self.buffers, s.args, s.kwargs, s.target)
+            f = vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, *dims, 0), randomness=self.randomness)
+            grads, loss = f(params, self.buffers, s.args, s.kwargs, s.target, self._scales())
         else:
-            grads, loss = self._vf(params, self.buffers, item.args, item.kwargs, item.target)
+            grads, loss = self._vf(params, self.buffers, item.args, item.kwargs, item.target, self._scales())
         torch._foreach_copy_(self.g, [grads[n] for n in self.names])
-        return loss.detach()
+        return loss.detach() / self._scales()
 
     def _loop(self, item) -> torch.Tensor:
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
@@ -99,19 +112,22 @@ class BatchedStep:
             split = item[k] if isinstance(item, list) else item
             leaves = [p[k].detach().requires_grad_() for p in self.p]
             buffers = {n: b[k] for n, b in self.buffers.items()}
-            out = functional_call(self.model, {**dict(zip(self.names, leaves)), **buffers}, split.args, split.kwargs)
-            if self.loss_f is None:
-                self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
-            loss = self.loss_f(out, split)
+            with autocast(self.arena.device, self.precision):
+                out = functional_call(self.model, {**dict(zip(self.names, leaves)), **buffers}, split.args,
+                                      split.kwargs)  # fmt: skip
+                if self.loss_f is None:
+                    self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+                loss = self.loss_f(out, split)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"loss_fn: the loss must be a scalar tensor, got {shape}; reduce it (e.g. .mean()) "
                                  "or use a loss with reduction='mean'")  # fmt: skip
-            grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
+            scale = 1.0 if self.scaler is None else self.scaler.scale[k]
+            grads = torch.autograd.grad(loss.reshape(()).float() * scale, leaves, allow_unused=True)
             for g, view in zip(grads, self.g):
                 if g is not None:
                     view[k].copy_(g)
-            losses.append(loss.detach().reshape(()))
+            losses.append(loss.detach().float().reshape(()))
         return torch.stack(losses)
 
 

@@ -49,7 +49,7 @@ class Tracker:
 
 def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
         bar=None, check_every: int = 1, generic: list | None = None, val: list | None = None,
-        val_every: int = 1) -> int:  # fmt: skip
+        val_every: int = 1, scaler=None) -> int:  # fmt: skip
     """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
     stopped). lr_table is [S, K] float64 on the device; splits[t] is what `step` takes at step t. `generic`: with
     K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers). `val`: cached
@@ -63,19 +63,24 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
                 if bar is not None:
                     bar.update(1)
                 return int(tracker.steps_run.max())
+        ok = None
+        if scaler is not None:  # fp16: unscale; a candidate with an inf/NaN grad skips this step, only it
+            ok = scaler.unscale_(arena.segments)
+            scaler.update(ok)
         if plan.kind == "generic" and generic is not None:
-            alive = tracker.alive.tolist()
+            alive = (tracker.alive if ok is None else tracker.alive & ok).tolist()
             for k, opt in enumerate(generic):
                 if alive[k]:  # a stopped candidate is frozen, as lr 0 does on the fused path
                     for g, scale in zip(opt.param_groups, plan.scales):
                         g["lr"] = float(lr_table[t, k]) * scale
                     opt.step()
         elif plan.kind == "generic":
-            optimizers.set_lr(plan, float(lr_table[t, 0]))
-            plan.generic.step()
+            if ok is None or bool(ok[0]):
+                optimizers.set_lr(plan, float(lr_table[t, 0]))
+                plan.generic.step()
         else:
             lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
-            arena.update(lr, t + 1)
+            arena.update(lr if ok is None else lr * ok, t + 1)
         if val is not None and ((t + 1) % val_every == 0 or t + 1 == steps):
             tracker.val[:, t] = torch.where(tracker.alive, step.evaluate(val).to(torch.float64), tracker._nan)
         if bar is not None:

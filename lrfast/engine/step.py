@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from lrfast.batches import Split, resolve_loss
+from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
 
 
 class ModuleStep:
-    def __init__(self, model: nn.Module, arena: Arena, loss_fn):
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn, precision: str = "fp32", scaler=None):
         self.model, self.arena, self.user_loss_fn = model, arena, loss_fn
+        self.precision, self.scaler = precision, scaler
         self.loss_f = None
         self.loss_desc = ""
         self.copy_grads = False  # set when autograd did not accumulate into the preset .grad views
@@ -23,14 +25,19 @@ class ModuleStep:
     def __call__(self, split: Split) -> torch.Tensor:
         """Zero grads, forward, loss, backward; returns the detached loss as a [1] tensor."""
         self.arena.zero_grad()
-        out = self.model(*split.args, **split.kwargs)
-        if self.loss_f is None:
-            return self._first(out, split)
-        loss = self.loss_f(out, split)
-        loss.backward()
+        first = self.loss_f is None
+        with autocast(self.arena.device, self.precision):
+            out = self.model(*split.args, **split.kwargs)
+            loss = self._first_loss(out, split) if first else self.loss_f(out, split)
+        (loss if self.scaler is None else loss * self.scaler.scale[0]).backward()
+        if first:  # autograd accumulates into preset .grad views; check once that it did
+            for seg in self.arena.segments:
+                for p, view in zip(seg.params, seg.views(seg.g, 0)):
+                    if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                        self.copy_grads = True
         if self.copy_grads:
             self._copy_grads()
-        return loss.detach().reshape(1)
+        return loss.detach().float().reshape(1)
 
     @torch.no_grad()
     def evaluate(self, splits: list[Split]) -> torch.Tensor:
@@ -38,13 +45,15 @@ class ModuleStep:
         not updated), without touching grads or training; returns [1]."""
         self.model.eval()
         try:
-            total = sum(self.loss_f(self.model(*s.args, **s.kwargs), s).detach().reshape(1) for s in splits)
+            with autocast(self.arena.device, self.precision):
+                total = sum(self.loss_f(self.model(*s.args, **s.kwargs), s).detach().float().reshape(1)
+                            for s in splits)  # fmt: skip
         finally:
             self.model.train()
         return total / len(splits)
 
-    def _first(self, out, split: Split) -> torch.Tensor:
-        """The first step, checked: a usable loss that is a finite scalar, grads landing in the arena."""
+    def _first_loss(self, out, split: Split) -> torch.Tensor:
+        """The first step's loss, checked: the default loss can use the batch, the loss is a finite scalar."""
         self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
         try:
             loss = self.loss_f(out, split)
@@ -67,14 +76,7 @@ class ModuleStep:
                 f"the loss is {value} at the first step, before any update: the model or the data is broken (not "
                 "the learning rate); check the inputs for NaN/inf and the model's initialization"
             )
-        loss.backward()
-        for seg in self.arena.segments:
-            for p, view in zip(seg.params, seg.views(seg.g, 0)):
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                    self.copy_grads = True
-        if self.copy_grads:
-            self._copy_grads()
-        return loss.detach().reshape(1)
+        return loss
 
     def _copy_grads(self) -> None:
         for seg in self.arena.segments:
