@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 def _demo_workload(args):
     from lrfast import data
 
+    if args.data and not os.path.isdir(args.data):
+        raise SystemExit(f"lrfast: --data {args.data!r} is not a folder; pass the folder holding the (Fashion-)MNIST "
+                         "IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz])")  # fmt: skip
     dataset = data.fashion_mnist(args.data) if args.data else data.digits(image_size=28)
     torch_seed(args.seed)
     return data.lenet5(), data.loader(dataset, batch_size=args.batch_size, seed=args.seed), None, None
@@ -100,6 +103,10 @@ def _load_target(target: str):
         raise SystemExit(f"lrfast find: cannot load {target!r}: {e}") from e
     made = fn()
     if isinstance(made, dict):
+        missing = [key for key in ("model", "loader") if key not in made]
+        if missing:
+            raise SystemExit(f"lrfast find: {target} returned a dict without {', '.join(missing)}; return a dict with "
+                             "model, loader[, loss_fn, optimizer] or a tuple (model, loader[, loss_fn])")  # fmt: skip
         return made["model"], made["loader"], made.get("loss_fn"), made.get("optimizer")
     if isinstance(made, (tuple, list)) and len(made) in (2, 3):
         return made[0], made[1], (made[2] if len(made) == 3 else None), None
@@ -114,12 +121,15 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
         raise SystemExit(f"lrfast: --out {out!r} is not a folder; create it or pass an existing one")
     if out is not None and not os.access(out, os.W_OK):
         raise SystemExit(f"lrfast: --out {out!r} is not writable; pass a folder you can write to")
-    result = lrfast.find(
-        model, loader, optimizer=optimizer, loss_fn=loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
-        steps=args.steps, mode=args.mode, smooth=args.smooth,
-        early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
-        seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
-    )  # fmt: skip
+    try:
+        result = lrfast.find(
+            model, loader, optimizer=optimizer, loss_fn=loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
+            steps=args.steps, mode=args.mode, smooth=args.smooth,
+            early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
+            seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
+        )  # fmt: skip
+    except (ValueError, TypeError) as e:  # find's checks of its arguments and of the model/loader: clear messages
+        raise SystemExit(f"lrfast: {e}") from e
     t = result.timings
     if result.strategy == "grid":
         print(f"suggested LR (grid: the largest LR scoring within {result.tolerance:g} of the best): "

@@ -105,3 +105,167 @@ def test_from_json_says_what_is_wrong(tmp_path, content):
     path.write_text(content)
     with pytest.raises(ValueError, match="from_json"):
         lrfast.LRFindResult.from_json(path)
+
+
+# --- the command line: the same checks give the same message, as SystemExit("lrfast: ..."), not a traceback ---
+
+TARGET = '''
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+MODEL = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+BATCHES = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(4)]
+
+def good():
+    return MODEL, BATCHES
+
+def junk():
+    return 42
+
+def no_loader():
+    return {"model": MODEL}
+
+def not_a_model():
+    return "model", BATCHES
+
+def empty_loader():
+    return MODEL, []
+'''
+
+CLI_CASES = {
+    # name: (argv, with {tmp} for the test's folder, words the SystemExit message must contain)
+    "data_dir_missing": (["demo", "--data", "{tmp}/missing"], ["--data", "not a folder", "IDX"]),
+    "out_is_a_file": (["demo", "--out", "{tmp}/afile"], ["--out", "not a folder"]),
+    "out_missing": (["find", "lrfast_cli_target:good", "--out", "{tmp}/missing"], ["--out", "not a folder"]),
+    "steps_one": (["demo", "--steps", "1"], ["steps=1", ">= 2"]),
+    "min_lr_zero": (["find", "lrfast_cli_target:good", "--min-lr", "0"], ["min_lr=0.0", "> 0"]),
+    "min_lr_above_max_lr": (["find", "lrfast_cli_target:good", "--min-lr", "1", "--max-lr", "0.1"],
+                            ["min_lr=1.0", "max_lr=0.1", "smaller"]),  # fmt: skip
+    "smooth_one": (["find", "lrfast_cli_target:good", "--smooth", "1"], ["smooth=1.0", "[0, 1)"]),
+    "threshold_below_one": (["demo", "--early-stop-threshold", "0.5"], ["early_stop_threshold=0.5", "None"]),
+    "seed_negative": (["find", "lrfast_cli_target:good", "--seed", "-3"], ["seed=-3", "non-negative"]),
+    "candidates_zero": (["find", "lrfast_cli_target:good", "--strategy", "grid", "--candidates", "0"],
+                        ["candidates=0", ">= 1"]),  # fmt: skip
+    "device_differs_from_model": (["find", "lrfast_cli_target:good", "--device", "meta"],
+                                  ["device='meta'", "model.to"]),  # fmt: skip
+    "target_returns_junk": (["find", "lrfast_cli_target:junk"], ["returned int", "(model, loader"]),
+    "target_dict_without_loader": (["find", "lrfast_cli_target:no_loader"], ["without loader", "dict with"]),
+    "target_returns_no_model": (["find", "lrfast_cli_target:not_a_model"], ["lrfast: model=str", "nn.Module"]),
+    "target_loader_empty": (["find", "lrfast_cli_target:empty_loader"], ["lrfast: loader is empty"]),
+    "target_without_colon": (["find", "lrfast_cli_target"], ["MODULE:FUNCTION"]),
+    "target_function_missing": (["find", "lrfast_cli_target:nope"], ["cannot load", "nope"]),
+}
+
+
+def _never_trains(*args, **kwargs):
+    raise AssertionError("a training step ran before the bad input was reported")
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_bad_input_exits_with_the_message_before_training(case, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lrfast.cli import main
+    from lrfast.engine import runner
+
+    argv, words = CLI_CASES[case]
+    (tmp_path / "lrfast_cli_target.py").write_text(TARGET)
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "run", _never_trains)
+    monkeypatch.delitem(sys.modules, "lrfast_cli_target", raising=False)
+    import importlib
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        target = importlib.import_module("lrfast_cli_target")
+    finally:
+        sys.path.remove(str(tmp_path))
+    before, rng = state_of(target.MODEL), rng_states()
+    listing = sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__")
+    with pytest.raises(SystemExit) as info:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--no-progress"])
+    message = str(info.value.code)
+    for word in words:
+        assert word in message, f"{word!r} not in {message}"
+    assert "Traceback" not in capsys.readouterr().err
+    assert_same_state(before, state_of(target.MODEL))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == listing
+    if case not in ("data_dir_missing", "out_is_a_file", "steps_one", "threshold_below_one"):  # the demo seeds
+        assert_same_rng(rng, rng_states())  # torch for its model's init, as documented
+
+
+# --- the Lightning entry: lrfast.integrations.lightning.find ---
+
+
+def _lightning_cases():
+    pl = pytest.importorskip("pytorch_lightning", reason="the Lightning entry needs pytorch-lightning")
+    import torch.nn.functional as F
+
+    class Lit(pl.LightningModule):
+        def __init__(self, manual=False, lr=True, loader=True, opt=True, step_returns=True):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = make_mlp()
+            if lr:
+                self.lr = 1e-3
+            self.automatic_optimization = not manual
+            self.has_loader, self.has_opt, self.step_returns = loader, opt, step_returns
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            return loss if self.step_returns else None
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3) if self.has_opt else None
+
+        def train_dataloader(self):
+            return BATCHES if self.has_loader else None
+
+    return {
+        # name: (module factory, kwargs of lightning.find, exception, words)
+        "not_a_lightning_module": (make_mlp, {}, TypeError, ["module=Sequential", "LightningModule", "lrfast.find"]),
+        "manual_optimization": (lambda: Lit(manual=True), {}, ValueError,
+                                ["automatic_optimization is False", "loss_fn"]),  # fmt: skip
+        "no_dataloader": (lambda: Lit(loader=False), {}, ValueError, ["no train dataloader", "train_dataloaders="]),
+        "no_lr_attribute": (lambda: Lit(lr=False), {}, AttributeError, ["lr", "attr_name=", "update_attr=False"]),
+        "attr_name_missing": (Lit, {"attr_name": "base_lr"}, AttributeError, ["attr_name='base_lr'", "self.base_lr"]),
+        "configure_optimizers_returns_none": (lambda: Lit(opt=False), {}, ValueError,
+                                              ["configure_optimizers()", "optimizer=..."]),  # fmt: skip
+        "steps_one": (Lit, {"steps": 1}, ValueError, ["steps=1", ">= 2"]),
+        "min_lr_zero": (Lit, {"min_lr": 0.0}, ValueError, ["min_lr=0.0", "> 0"]),
+        "training_step_returns_none": (lambda: Lit(step_returns=False), {}, ValueError,
+                                       ["training_step returned NoneType", "loss tensor"]),  # fmt: skip
+    }
+
+
+LIGHTNING_CASES = ["not_a_lightning_module", "manual_optimization", "no_dataloader", "no_lr_attribute",
+                   "attr_name_missing", "configure_optimizers_returns_none", "steps_one", "min_lr_zero",
+                   "training_step_returns_none"]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+@pytest.mark.parametrize("case", LIGHTNING_CASES)
+def test_lightning_bad_input_raises_a_clear_error_and_changes_nothing(case, monkeypatch):
+    cases = _lightning_cases()
+    assert sorted(cases) == sorted(LIGHTNING_CASES)
+    from lrfast.engine import runner
+    from lrfast.integrations import lightning as lrl
+
+    factory, kwargs, exc, words = cases[case]
+    if case != "training_step_returns_none":  # that one is only seen when the first step runs
+        monkeypatch.setattr(runner, "run", _never_trains)
+    module = factory()
+    before, rng = state_of(module), rng_states()
+    with pytest.raises(exc) as info:
+        lrl.find(module, progress=False, **{"steps": 5, **kwargs})
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+    assert_same_state(before, state_of(module))
+    assert_same_rng(rng, rng_states())
+
+
+def test_the_three_tables_hold_at_least_20_cases():
+    assert len(CASES) + len(CLI_CASES) + len(LIGHTNING_CASES) >= 20
