@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -104,6 +105,66 @@ def split(batch: Any) -> Split:
         f"a batch of type {type(batch).__name__} is not supported; batches must be (inputs, targets) tuples or lists, "
         "dicts of model keyword arguments, or tensors"
     )
+
+
+def check_consistent(splits: list[Split], name: str = "loader") -> None:
+    """Before training: every cached batch must have the structure of batch 0 (the same positional / keyword inputs
+    and target, nested alike) and, leaf by leaf, the same kind (tensor or not), dtype and number of dims; floating
+    point tensors (features, pixels) also the same sizes past dim 0. Dim 0 may differ (a DataLoader's smaller last
+    batch), and so may the later dims of integer / bool tensors (token ids and masks padded per batch). A mismatch
+    raises a ValueError naming `name`, the batch index and what differs, instead of a shape error mid-run."""
+    if len(splits) < 2:
+        return
+    ref_layout, ref_leaves = _layout(splits[0]), _leaves(splits[0])
+    for i, s in enumerate(splits[1:], start=1):
+        layout, leaves = _layout(s), _leaves(s)
+        why = ""
+        if layout != ref_layout:
+            why = f"it feeds the model {layout}, batch 0 {ref_layout}"
+        elif [path for path, _ in leaves] != [path for path, _ in ref_leaves]:
+            why = (f"its nested structure differs: leaves {[path for path, _ in leaves]}, batch 0 "
+                   f"{[path for path, _ in ref_leaves]}")  # fmt: skip
+        else:
+            for (path, x), (_, r) in zip(leaves, ref_leaves):
+                why = _leaf_difference(path, x, r)
+                if why:
+                    break
+        if why:
+            raise ValueError(
+                f"{name}: batch {i} differs from batch 0: {why}; every batch must have the same structure, dtypes and "
+                f"sizes except the batch size (dim 0): check the dataset and collate_fn of {name}"
+            )
+
+
+def _layout(s: Split) -> str:
+    parts = [f"{len(s.args)} positional input{'s' if len(s.args) != 1 else ''}"] if s.args else []
+    if s.kwargs:
+        parts.append(f"keyword inputs {sorted(map(str, s.kwargs))}")
+    parts.append("a target" if s.target is not None else "no target")
+    return ", ".join(parts)
+
+
+def _leaves(s: Split) -> list[tuple[str, Any]]:
+    out = []
+    named = [(f"input {i}", a) for i, a in enumerate(s.args)] + [(f"input {k!r}", v) for k, v in s.kwargs.items()]
+    for prefix, tree in named + [("target", s.target)]:
+        leaves, _ = pytree.tree_flatten_with_path(tree)
+        out += [(prefix + pytree.keystr(path), x) for path, x in leaves]
+    return out
+
+
+def _leaf_difference(path: str, x: Any, ref: Any) -> str:
+    if isinstance(x, torch.Tensor) != isinstance(ref, torch.Tensor):
+        return f"{path} is a {type(x).__name__}, in batch 0 a {type(ref).__name__}"
+    if not isinstance(x, torch.Tensor):
+        return ""
+    if x.dtype != ref.dtype:
+        return f"{path} is {x.dtype}, in batch 0 {ref.dtype}"
+    if x.dim() != ref.dim():
+        return f"{path} has {x.dim()} dims {list(x.shape)}, in batch 0 {ref.dim()} dims {list(ref.shape)}"
+    if x.is_floating_point() and x.shape[1:] != ref.shape[1:]:
+        return f"{path} has shape {list(x.shape)}, in batch 0 {list(ref.shape)} (sizes past dim 0 differ)"
+    return ""
 
 
 LossFn = Callable[[Any, Split], torch.Tensor]

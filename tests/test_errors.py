@@ -269,3 +269,67 @@ def test_lightning_bad_input_raises_a_clear_error_and_changes_nothing(case, monk
 
 def test_the_three_tables_hold_at_least_20_cases():
     assert len(CASES) + len(CLI_CASES) + len(LIGHTNING_CASES) >= 20
+
+
+# --- batches of mixed structure: found before training, naming the loader, the batch index and what differs ---
+
+
+def _xy(n=16, features=8, seed=0, target_dtype=torch.long):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, features, generator=g), y.to(target_dtype)
+
+
+MIXED = {
+    # name: (loader, index of the odd batch, words the message must contain)
+    "tuple_then_dict": ([_xy(), _xy(), {"x": _xy()[0]}], 2, ["keyword inputs ['x']", "1 positional input"]),
+    "fewer_features": ([_xy(), _xy(), _xy(), _xy(features=5)], 3, ["input 0 has shape [16, 5]", "[16, 8]"]),
+    "target_dtype": ([_xy(), _xy(target_dtype=torch.float32)], 1, ["target is torch.float32", "torch.int64"]),
+    "extra_dim": ([_xy(), (torch.randn(16, 1, 8), _xy()[1])], 1, ["input 0 has 3 dims", "2 dims"]),
+    "more_inputs": ([_xy(), (*_xy(), _xy()[1])], 1, ["2 positional inputs", "1 positional input"]),
+    "tensor_then_number": ([_xy(), (_xy()[0], 1)], 1, ["target is a int", "a Tensor"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+def test_batches_of_mixed_structure_are_refused_before_training(case, monkeypatch):
+    from lrfast.engine import runner
+
+    loader, index, words = MIXED[case]
+    monkeypatch.setattr(runner, "run", _never_trains)
+    model = make_mlp()
+    before, rng = state_of(model), rng_states()
+    with pytest.raises(ValueError) as info:
+        lrfast.find(model, loader, steps=len(loader), progress=False)
+    message = str(info.value)
+    assert message.startswith(f"loader: batch {index} differs from batch 0: "), message
+    for word in words + ["except the batch size (dim 0)"]:
+        assert word in message, f"{word!r} not in {message}"
+    assert_same_state(before, state_of(model))
+    assert_same_rng(rng, rng_states())
+
+
+def test_mixed_validation_batches_name_val_loader():
+    with pytest.raises(ValueError, match=r"^val_loader: batch 1 differs .* input 0 has shape \[16, 4\]"):
+        lrfast.find(make_mlp(), BATCHES, val_loader=[_xy(), _xy(features=4)], val_batches=2, steps=5, progress=False)
+
+
+def test_a_smaller_last_batch_and_padded_token_ids_are_accepted():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _xy(n=70)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 16, 16, 16, 16, 6
+    res = lrfast.find(make_mlp(), loader, steps=10, progress=False, early_stop_threshold=None)
+    assert res.steps_run == 10
+
+    class Bag(nn.Module):  # token ids padded per batch: [batch, length] with a length of its own
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    tokens = [(torch.randint(0, 20, (8, n), generator=g), torch.randint(0, 3, (8,), generator=g)) for n in (5, 9, 7)]
+    assert lrfast.find(Bag(), tokens, steps=6, progress=False, early_stop_threshold=None).steps_run == 6
