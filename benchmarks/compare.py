@@ -4,7 +4,9 @@ Every contestant runs the same range (exp 1e-7 -> 10, 100 steps, Adam with defau
 early stopping off), on the same batches (a fresh `lrfast.data.loader` with seed 0, cycled past its 28 batches), in
 the same process. Two measures per (workload, contestant):
 - first call: the whole range test in a fresh process (`--child`), Python and torch already imported; the model,
-  optimizer, trainer and finder set-up are inside the timing, the contestant's own import is its own column;
+  optimizer, trainer and finder set-up are inside the timing, the contestant's own import is its own column; best
+  of 5 processes, run round by round (one in three or four fresh processes here runs 10-20x slow while other jobs
+  load the second core);
 - warm: best of 3 in one process after one warm-up, contestants interleaved round by round (the 2-core machines
   swing up to 2x minute to minute, see shared/PERF-NOTES.md).
 Rows go to `benchmarks/results/<device>/compare.csv` (units in column names, conditions on every row); `compare.md`
@@ -429,7 +431,8 @@ def render_markdown(csv_path: Path) -> str:
         "EMA 0.98, torch-lr-finder an undebiased 0.05 EMA); the optimizer code (torch.optim.Adam's default for the "
         f"peers and bare, lrfast's own: {lrfast_impl or '-'}); torch-lr-finder and Lightning draw a tqdm bar that "
         "cannot be switched off (sent to /dev/null), lrfast runs with progress=False; Lightning writes and reloads "
-        "a checkpoint per call; the bare "
+        "a checkpoint per call; with early stop off every curve runs on into divergence, and each suggestion is its "
+        "tool's own pick on that whole curve; the bare "
         "loop restores nothing and suggests nothing."
         + (" No fresh-process call in this run (--quick)." if quick else ""),
         "", "Reproduce: `pip install -e . torch-lr-finder pytorch-lightning scikit-learn && "
@@ -450,7 +453,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--out", type=Path, help="for compare.csv and compare.md; default benchmarks/results/<device>")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="warm: best of this many after one warm-up")
-    p.add_argument("--first-repeats", type=int, default=3, help="first call: best of this many fresh processes")
+    p.add_argument("--first-repeats", type=int, default=5, help="first call: best of this many fresh processes")
     p.add_argument("--min-lr", type=float, default=1e-7)
     p.add_argument("--max-lr", type=float, default=10.0)
     p.add_argument("--batch-size", type=int, default=64)
