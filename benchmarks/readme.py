@@ -29,6 +29,7 @@ def section(results: Path = ROOT / "benchmarks" / "results") -> str:
     out = []
     for device_dir in sorted(p for p in results.iterdir() if p.is_dir()):
         compare, kernels = device_dir / "compare.csv", device_dir / "kernels.csv"
+        candidates = device_dir / "candidates.csv"
         if compare.exists():
             rows = _rows(compare)
             r0 = rows[0]
@@ -41,6 +42,19 @@ def section(results: Path = ROOT / "benchmarks" / "results") -> str:
                 cells = [r["workload"], r["contestant"]]
                 cells += [_num(r["ms_per_step_warm"], ".3f"), _num(r["wall_s_first"], ".3f")]
                 cells += [_num(r[f"speedup_vs_{p}"], ".2f") for p in PEERS]
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+        if candidates.exists():
+            rows = _rows(candidates)
+            out += [f"K candidates in one pass vs K sequential K = 1 runs, {rows[0]['cores']} cores, torch "
+                    f"{rows[0]['torch']}, commit {rows[0]['commit']} "
+                    f"([{candidates.relative_to(ROOT)}]({candidates.relative_to(ROOT)})):", "",
+                    "| workload | K | forward | ms/step one pass | ms/step sequential | speedup |",
+                    "|---|---:|---|---:|---:|---:|"]  # fmt: skip
+            for r in rows:
+                cells = [r["workload"], r["k"], r["forward"]]
+                cells += [_num(r[c], ".2f") for c in ("ms_per_step_one_pass", "ms_per_step_sequential",
+                                                      "speedup_vs_sequential")]  # fmt: skip
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
         if kernels.exists():
