@@ -75,7 +75,10 @@ def find(
     `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
     chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,
     activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
-    the chunk size too.
+    the chunk size too. A chunk of K > 1 that runs out of memory while it sets up or in its first step is run
+    again in chunks of half the size, down to 1 (the same curves; result.info["notes"] says so); when even one
+    candidate does not fit, lrfast.api.OutOfMemoryError (a torch.OutOfMemoryError and a MemoryError) says what to
+    change.
 
     `val_loader`: the first `val_batches` batches are cached and every candidate is scored on them (eval mode, no
     grad, training unchanged) after the update of every `val_every`-th step; `result.val_losses` holds them and
@@ -128,17 +131,37 @@ def find(
                          f"{memory['budget'] / 2**20:.1f} MiB allowed: run in chunks of {chunk}")  # fmt: skip
         t_setup = time.perf_counter()
         with _progress_bar(progress, steps * math.ceil(k / chunk)) as bar:
-            for lo in range(0, k, chunk):
+            lo = 0
+            while lo < k:
                 hi = min(k, lo + chunk)
                 snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
-                out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
-                                 device, smooth, early_stop_threshold, bar, accumulate, val, val_every,
-                                 precision)  # fmt: skip
+                started = [0]
+                try:
+                    out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
+                                     device, smooth, early_stop_threshold, bar, accumulate, val, val_every,
+                                     precision, started)  # fmt: skip
+                    oom = ""
+                except Exception as e:
+                    if not _is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
+                        raise
+                    if hi - lo == 1:
+                        raise OutOfMemoryError(_oom_message(e, device, steps, accumulate, memory)) from e
+                    oom = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                if oom:  # outside the except block: the failed chunk's tensors (held by the traceback) are freed
+                    new = max(1, (hi - lo) // 2)
+                    notes.append(f"out of memory with {hi - lo} candidates in one pass ({oom}): retried in chunks "
+                                 f"of {new}")  # fmt: skip
+                    bar.total += steps * (math.ceil((k - lo) / new) - math.ceil((k - lo) / chunk))
+                    chunk = new
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 losses[lo:hi], smoothed[lo:hi], val_losses[lo:hi] = out["losses"], out["smoothed"], out["val"]
                 steps_run = max(steps_run, out["steps_run"])
                 forward.append(out["forward"])
                 notes += [n for n in out["notes"] if n not in notes]
+                lo = hi
         t_steps = time.perf_counter()
     finally:
         snap.restore()
@@ -164,9 +187,10 @@ def find(
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
-               accumulate, val, val_every, precision) -> dict:  # fmt: skip
+               accumulate, val, val_every, precision, started=None) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
-    K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate."""
+    K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate.
+    `started[0]` counts the steps begun, so that the caller knows whether an error came from the first one."""
     c, steps = table.shape
     arena = Arena(plan, c, device)
     snap.lend(arena.segments, device)
@@ -195,6 +219,8 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
         step = Accumulate(step, arena)
     tracker = runner.Tracker(c, steps, smooth, threshold, device)
     lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
+    if started is not None:
+        step = _Counted(step, started)
     steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
                            val_every=val_every, scaler=scaler)  # fmt: skip
     if c == 1:
@@ -212,6 +238,41 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
             "val": tracker.val.cpu().numpy(),
             "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc, "notes": notes}  # fmt: skip
+
+
+class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
+    """Not even one candidate fits in memory (catchable as torch.OutOfMemoryError or MemoryError)."""
+
+
+class _Counted:
+    """A step that counts the calls begun into started[0] (one per training step)."""
+
+    def __init__(self, step, started: list):
+        self.step, self.started = step, started
+
+    def __call__(self, item):
+        self.started[0] += 1
+        return self.step(item)
+
+    def evaluate(self, splits):
+        return self.step.evaluate(splits)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict) -> str:
+    estimate = f" (estimated ~{memory['per_candidate'] / 2**20:.1f} MiB per candidate)" if memory else ""
+    return (
+        f"out of memory on {device} with a single candidate{estimate}: {type(e).__name__}: {str(e)[:300]}; nothing "
+        f"fits, not even one candidate at a time. The batches of all steps ({steps * accumulate} now) are cached on "
+        f"{device} up front: pass fewer steps or smaller batches, use a smaller model, or free memory on the device "
+        "(max_memory only caps the candidates run together, and 1 is the floor)"
+    )
 
 
 def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:
