@@ -143,7 +143,7 @@ def find(
                                      precision, started)  # fmt: skip
                     oom = ""
                 except Exception as e:
-                    if not _is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
+                    if not batched.is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
                         raise
                     if hi - lo == 1:
                         raise OutOfMemoryError(_oom_message(e, device, steps, accumulate, memory)) from e
@@ -256,13 +256,6 @@ class _Counted:
 
     def evaluate(self, splits):
         return self.step.evaluate(splits)
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict) -> str:

@@ -224,3 +224,20 @@ def test_oom_after_the_first_step_is_not_retried_and_propagates(tmp_path, monkey
         with pytest.raises(torch.OutOfMemoryError) as info:
             lrfast.find(model, make_batches(), **OOM_KW)
     assert info.value is exc
+
+
+def test_oom_inside_vmap_reaches_the_retry_instead_of_the_loop_fallback(tmp_path, monkeypatch):
+    model, batches = make_mlp(), make_batches()
+    whole = lrfast.find(model, batches, **OOM_KW)
+    real = batched.BatchedStep._vmap
+
+    def vmap_oom(self, item):
+        if self.arena.k > 2:
+            raise torch.OutOfMemoryError("injected: out of memory inside vmap")
+        return real(self, item)
+
+    monkeypatch.setattr(batched.BatchedStep, "_vmap", vmap_oom)
+    with nothing_lost(model, tmp_path, monkeypatch):
+        res = lrfast.find(model, batches, **OOM_KW)
+    assert res.info["chunk"] == 2 and res.info["forward"] == "vmap (K=2)"
+    np.testing.assert_allclose(res.losses, whole.losses, rtol=1e-5)

@@ -46,7 +46,7 @@ class BatchedStep:
             try:
                 loss = self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
-                if self.calls > 1:
+                if self.calls > 1 or is_oom(e):  # out of memory: the caller retries with fewer candidates
                     raise
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
@@ -129,6 +129,14 @@ class BatchedStep:
                     view[k].copy_(g)
             losses.append(loss.detach().float().reshape(()))
         return torch.stack(losses)
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error, host or device, as torch raises it."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
