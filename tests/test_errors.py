@@ -224,8 +224,21 @@ def _lightning_cases():
         def train_dataloader(self):
             return BATCHES if self.has_loader else None
 
+    class NoLoader(pl.LightningModule):  # no train_dataloader(): Lightning itself would raise its own error
+        def __init__(self):
+            super().__init__()
+            self.net, self.lr = make_mlp(), 1e-3
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
     return {
         # name: (module factory, kwargs of lightning.find, exception, words)
+        "train_dataloader_not_defined": (NoLoader, {}, ValueError,
+                                         ["does not define train_dataloader()", "train_dataloaders="]),  # fmt: skip
         "not_a_lightning_module": (make_mlp, {}, TypeError, ["module=Sequential", "LightningModule", "lrfast.find"]),
         "manual_optimization": (lambda: Lit(manual=True), {}, ValueError,
                                 ["automatic_optimization is False", "loss_fn"]),  # fmt: skip
@@ -241,7 +254,8 @@ def _lightning_cases():
     }
 
 
-LIGHTNING_CASES = ["not_a_lightning_module", "manual_optimization", "no_dataloader", "no_lr_attribute",
+LIGHTNING_CASES = ["train_dataloader_not_defined",
+                   "not_a_lightning_module", "manual_optimization", "no_dataloader", "no_lr_attribute",
                    "attr_name_missing", "configure_optimizers_returns_none", "steps_one", "min_lr_zero",
                    "training_step_returns_none"]  # fmt: skip
 

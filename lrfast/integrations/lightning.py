@@ -60,6 +60,9 @@ def find(
             datamodule.prepare_data()
             datamodule.setup("fit")
             train_dataloaders = datamodule.train_dataloader()
+        elif not pl.utilities.model_helpers.is_overridden("train_dataloader", module):
+            raise ValueError(f"no train dataloader: {type(module).__name__} does not define train_dataloader(); pass "
+                             "train_dataloaders=... or datamodule=...")  # fmt: skip
         else:
             train_dataloaders = module.train_dataloader()
     if "optimizer" not in find_kwargs:
