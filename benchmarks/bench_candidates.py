@@ -1,50 +1,179 @@
-"""K candidates in one pass vs K sequential K = 1 runs: digits MLP 64-256-256-10, Adam, batch 64, a fixed-LR grid
-(strategy="grid", no early stop), so every run does the same S steps. ms/step counts the steps phase of find()
-(result.timings["steps"]) divided by S: for the sequential runs, the sum over the K runs. Interleaved, best of N
-(the 2-core machines are noisy: PERF-NOTES). Writes benchmarks/results/cpu/candidates.csv and .md from it.
+"""Time vs K: K candidate LRs in one lrfast pass against K sequential lrfast K = 1 runs, K sequential torch-lr-finder
+runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 on three workloads (Adam, batch 64, 100 steps):
+- mlp: digits MLP 64-256-256-10 (lrfast.data.mlp on digits());
+- lenet: LeNet-5 on digits upscaled to 28x28 (lrfast.data.lenet5 on digits(28));
+- loader: the digits MLP fed by a map-style Dataset whose __getitem__ does deterministic per-sample CPU work (a few
+  numpy blur passes per 8x8 image), calibrated at start to cost ~10x the K = 1 MLP step per batch of 64, as JPEG
+  decoding + augmentation does for a small model.
+lrfast runs strategy="grid" (K fixed LRs, geomspace 1e-4 -> 1e-2), early stop off, so every run does the same S
+steps; torch-lr-finder runs its exp range test 1e-4 -> 1e-2 over S steps (compare.run_torch_lr_finder), early stop
+off. ms/step is the wall-clock of the whole call(s) (set-up, steps, restore) divided by S: for the sequential
+contestants the sum over the K runs. Every run gets a fresh model with the same seed and a fresh seeded loader
+(compare.fresh). Within each K the contestants are interleaved round by round, best of N (the 2-core machines swing
+up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the FLOPs of one forward + backward at batch 64
+(torch.utils.flop_counter) at the fp32 matmul rate measured in this process (1024 x 1024 matmul); it ignores the
+loader and the optimizer step.
 
-    python -m benchmarks.bench_candidates [--k 16] [--steps 100] [--repeats 3]
+Rows go to benchmarks/results/cpu/candidates.csv (one per workload and K; written after every workload), and
+candidates.md / candidates.png are rendered from that CSV.
+
+    python -m benchmarks.bench_candidates [--workloads mlp,lenet,loader] [--ks 1,2,4,8,16,32] [--steps 100]
+        [--repeats 2] [--quick] [--render-only] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
 import platform
 import subprocess
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 import lrfast
-from lrfast.data import digits
+from benchmarks.compare import Settings, fresh, run_torch_lr_finder
+from lrfast.data import digits, lenet5, mlp
 
 OUT = Path(__file__).parent / "results" / "cpu"
+KS = (1, 2, 4, 8, 16, 32)
+WORKLOADS = ("mlp", "lenet", "loader")
+NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader": "loader_bound_digits_mlp"}
+MIN_LR, MAX_LR, BATCH = 1e-4, 1e-2, 64
+LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
+# torch-lr-finder is skipped at a K whose estimated sequential time (from the previous K) passes this, per round
+TLF_BUDGET_S = 90.0
+CONTESTANTS = ("one_pass", "sequential", "torch_lr_finder")
 
 
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+class SlowDigits(Dataset):
+    """digits with per-sample CPU work in __getitem__ (not a TensorDataset, so no batched fast path applies): `rounds`
+    passes of a 5-point blur on the 8x8 image, the result mixed half and half with the image. Deterministic: sample i
+    is always the same tensors."""
+
+    def __init__(self, rounds: int):
+        base = digits()
+        self.x, self.y, self.rounds = base.tensors[0].numpy(), base.tensors[1], rounds
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        img = self.x[i].reshape(8, 8)
+        a = img
+        for _ in range(self.rounds):
+            a = (np.roll(a, 1, 0) + np.roll(a, -1, 0) + np.roll(a, 1, 1) + np.roll(a, -1, 1) + 4 * a) / 8
+        return torch.from_numpy((0.5 * img + 0.5 * a).reshape(-1).astype(np.float32)), self.y[i]
 
 
-def one_pass(m, loader, lrs, steps) -> tuple[float, lrfast.LRFindResult]:
-    res = lrfast.find(m, loader, optimizer="adam", strategy="grid", lrs=lrs, steps=steps, early_stop_threshold=None,
-                      progress=False)  # fmt: skip
-    return res.timings["steps"], res
+def loader_ms_per_batch(rounds: int, batches: int = 8) -> float:
+    _, loader = fresh(SlowDigits(rounds), mlp, Settings(batch_size=BATCH))
+    best = float("inf")
+    for _ in range(3):  # digits holds 28 batches of 64: a fresh epoch each round
+        it = iter(loader)
+        next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        best = min(best, (time.perf_counter() - t0) / batches)
+    return 1e3 * best
 
 
-def sequential(m, loader, lrs, steps) -> tuple[float, np.ndarray]:
-    total, curves = 0.0, []
+def calibrate_rounds(target_ms: float) -> tuple[int, float]:
+    """Blur rounds whose batch of 64 costs about target_ms (the cost is linear in rounds plus a fixed collate part)."""
+    base, per = loader_ms_per_batch(0), (loader_ms_per_batch(8) - loader_ms_per_batch(0)) / 8
+    rounds = max(1, round((target_ms - base) / max(per, 1e-6)))
+    return rounds, loader_ms_per_batch(rounds)
+
+
+def dataset_and_model(workload: str, rounds: int = 0):
+    if workload == "mlp":
+        return digits(), mlp
+    if workload == "lenet":
+        return digits(image_size=28), lenet5
+    if workload == "loader":
+        return SlowDigits(rounds), mlp
+    raise ValueError(f"--workloads: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+
+
+# ---------------------------------------------------------------------------------------------- contestants
+# Each returns (wall seconds, loss curves [runs, steps] or None, info of the last lrfast run).
+
+
+def lrfast_run(dataset, make_model, lrs, steps):
+    model, loader = fresh(dataset, make_model, Settings(batch_size=BATCH))
+    gc.collect()
+    t0 = time.perf_counter()
+    res = lrfast.find(model, loader, optimizer="adam", strategy="grid", lrs=list(lrs), steps=steps,
+                      early_stop_threshold=None, progress=False)  # fmt: skip
+    wall = time.perf_counter() - t0
+    return wall, np.atleast_2d(np.asarray(res.losses, dtype=float)), {**res.info, "timings": res.timings}
+
+
+def one_pass(dataset, make_model, lrs, steps):
+    return lrfast_run(dataset, make_model, lrs, steps)
+
+
+def sequential(dataset, make_model, lrs, steps):
+    total, curves, info = 0.0, [], {}
     for lr in lrs:
-        t, res = one_pass(m, loader, [lr], steps)
+        t, c, info = lrfast_run(dataset, make_model, [lr], steps)
         total += t
-        curves.append(res.losses[0])
-    return total, np.stack(curves)
+        curves.append(c[0])
+    return total, np.stack(curves), info
+
+
+def torch_lr_finder(dataset, make_model, lrs, steps):
+    s = Settings(min_lr=MIN_LR, max_lr=MAX_LR, steps=steps, batch_size=BATCH, early_stop=None)
+    total = 0.0
+    for _ in lrs:
+        model, loader = fresh(dataset, make_model, s)
+        gc.collect()
+        t0 = time.perf_counter()
+        run_torch_lr_finder(model, loader, s)
+        total += time.perf_counter() - t0
+    return total, None, {}
+
+
+RUNNERS = {"one_pass": one_pass, "sequential": sequential, "torch_lr_finder": torch_lr_finder}
+
+
+# ---------------------------------------------------------------------------------------------- floor
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """The machine's fp32 matmul rate, best of `repeats` n x n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(dataset, make_model) -> int:
+    """FLOPs of one forward + backward (cross-entropy) at batch 64, as torch's flop counter counts them (matmuls and
+    convolutions)."""
+    torch.manual_seed(0)
+    model = make_model()
+    x, y = (torch.stack(t) for t in zip(*(dataset[i] for i in range(BATCH))))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- driver
 
 
 def conditions() -> dict:
@@ -58,51 +187,163 @@ def conditions() -> dict:
             "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    loader = DataLoader(digits(), batch_size=64, shuffle=True)
-    m, lrs = model(), list(np.geomspace(1e-4, 1e-2, args.k))
-    one_pass(m, loader, lrs[:2], 5)  # warm-up: imports, vmap tracing caches, thread pools
-    best_pass, best_seq, info = float("inf"), float("inf"), {}
-    for _ in range(args.repeats):
-        t, res = one_pass(m, loader, lrs, args.steps)
-        best_pass, info = min(best_pass, t), res.info
-        t_seq, curves = sequential(m, loader, lrs, args.steps)
-        best_seq = min(best_seq, t_seq)
-    rel = float(np.max(np.abs(res.losses - curves) / np.abs(curves)))
-    row = {"workload": "digits_mlp_64-256-256-10", "optimizer": "adam", "batch_size": 64, "k": args.k,
-           "steps": args.steps, "forward": info["forward"], "ms_per_step_one_pass": 1e3 * best_pass / args.steps,
-           "ms_per_step_sequential": 1e3 * best_seq / args.steps,
-           "ms_per_candidate_step_one_pass": 1e3 * best_pass / args.steps / args.k,
-           "speedup_vs_sequential": best_seq / best_pass, "max_rel_diff_curves": rel, "repeats": args.repeats,
-           **conditions()}  # fmt: skip
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "candidates.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, rounds: int, loader_ms: float,
+                   k1_ms: float):  # fmt: skip
+    dataset, make_model = dataset_and_model(workload, rounds)
+    flops = step_flops(dataset, make_model)
+    for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
+        RUNNERS[name](dataset, make_model, np.geomspace(MIN_LR, MAX_LR, 2), 5)
+    rows, tlf_prev = [], None
+    for k in ks:
+        lrs = np.geomspace(MIN_LR, MAX_LR, k) if k > 1 else np.array([1e-3])
+        skip_tlf = tlf_prev is not None and tlf_prev[1] * k / tlf_prev[0] > TLF_BUDGET_S
+        names = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and skip_tlf)]
+        best = {c: float("inf") for c in names}
+        curves, info = {}, {}
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order round by round
+                t, c, i = RUNNERS[name](dataset, make_model, lrs, steps)
+                best[name] = min(best[name], t)
+                if c is not None:
+                    curves[name] = c
+                if name == "one_pass":
+                    info = i
+        if "torch_lr_finder" in best:
+            tlf_prev = (k, best["torch_lr_finder"])
+        rel = float(np.max(np.abs(curves["one_pass"] - curves["sequential"]) / np.abs(curves["sequential"])))
+        ms = {c: 1e3 * t / steps for c, t in best.items()}
+        tlf = ms.get("torch_lr_finder", float("nan"))
+        note = (f"torch-lr-finder skipped: {tlf_prev[1] * k / tlf_prev[0]:.0f} s a round estimated from K = "
+                f"{tlf_prev[0]}" if skip_tlf else "")  # fmt: skip
+        row = {"workload": NAMES[workload], "optimizer": "adam", "batch_size": BATCH, "k": k, "steps": steps,
+               "forward": info.get("forward", ""), "ms_per_step_one_pass": ms["one_pass"],
+               "ms_per_step_sequential": ms["sequential"], "ms_per_step_sequential_torch_lr_finder": tlf,
+               "ms_per_candidate_step_one_pass": ms["one_pass"] / k,
+               "setup_ms_one_pass": 1e3 * info["timings"]["setup"],
+               "speedup_vs_sequential": ms["sequential"] / ms["one_pass"], "speedup_vs_torch_lr_finder":
+               tlf / ms["one_pass"], "floor_ms_per_step": 1e3 * k * flops / (gflops * 1e9),
+               "one_pass_vs_floor": ms["one_pass"] / (1e3 * k * flops / (gflops * 1e9)), "flops_per_step_k1": flops,
+               "matmul_gflops": gflops, "loader_ms_per_batch": loader_ms if workload == "loader" else "",
+               "loader_rounds": rounds if workload == "loader" else "", "mlp_k1_steps_phase_ms_per_step": k1_ms,
+               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **conditions()}  # fmt: skip
+        print(
+            f"{workload} K={k}: one pass {ms['one_pass']:.2f} ms/step, sequential {ms['sequential']:.2f}, "
+            f"torch-lr-finder {tlf:.2f}, floor {row['floor_ms_per_step']:.3f}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def write_csv(out: Path, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "candidates.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerow(row)
-    write_md()
-    print(open(OUT / "candidates.md").read())
+        w.writerows(rows)
 
 
-def write_md() -> None:
-    with open(OUT / "candidates.csv") as f:
-        rows = list(csv.DictReader(f))
-    cols = ["workload", "k", "steps", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
-            "ms_per_candidate_step_one_pass", "speedup_vs_sequential", "max_rel_diff_curves"]  # fmt: skip
+def read_csv(out: Path) -> list[dict]:
+    with open(out / "candidates.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(x: str) -> str:
+    try:
+        return f"{float(x):.3g}"
+    except ValueError:
+        return x or "-"
+
+
+def write_md(out: Path) -> None:
+    rows = read_csv(out)
+    cols = ["workload", "k", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
+            "ms_per_step_sequential_torch_lr_finder", "floor_ms_per_step", "speedup_vs_sequential",
+            "speedup_vs_torch_lr_finder", "one_pass_vs_floor", "max_rel_diff_curves"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{float(r[c]):.3g}" if c.startswith(("ms_", "speedup", "max_")) else r[c] for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    cond = rows[0]
-    lines.append(f"\n{cond['device']}, {cond['cores']} cores, {cond['threads']} threads, torch {cond['torch']}, "
-                 f"commit {cond['commit']}, {cond['date']}; best of {cond['repeats']}, interleaved. Generated from "
-                 "candidates.csv by benchmarks/bench_candidates.py.")  # fmt: skip
-    (OUT / "candidates.md").write_text("\n".join(lines) + "\n")
+        lines.append("| " + " | ".join(r[c] if c in ("workload", "k", "forward") else _fmt(r[c]) for c in cols) + " |")
+    c = rows[0]
+    notes = sorted({f"{r['workload']} K={r['k']}: {r['note']}" for r in rows if r.get("note")})
+    loader = [r for r in rows if r.get("loader_ms_per_batch")]
+    lines.append(f"\n{c['device']}, {c['cores']} cores, {c['threads']} threads, torch {c['torch']}, lrfast "
+                 f"{c['lrfast']}, commit {c['commit']}, {c['date']}; {c['steps']} steps, batch {c['batch_size']}, "
+                 f"Adam; wall-clock of whole calls, best of {c['repeats']}, contestants interleaved within each K. "
+                 f"Floor: K x {{fwd+bwd FLOPs}} at {float(c['matmul_gflops']):.0f} GFLOP/s (1024^3 fp32 matmul, "
+                 "same process).")  # fmt: skip
+    if loader:
+        lines.append(
+            f"Loader-bound: {float(loader[0]['loader_ms_per_batch']):.2f} ms per batch of 64 in "
+            f"__getitem__ ({loader[0]['loader_rounds']} blur rounds per sample); the floor leaves it out."
+        )
+    lines += [f"- {n}" for n in notes]
+    lines.append("\nGenerated from candidates.csv by benchmarks/bench_candidates.py.")
+    (out / "candidates.md").write_text("\n".join(lines) + "\n")
+
+
+def write_png(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(out)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    series = {"ms_per_step_one_pass": "lrfast, K in one pass", "ms_per_step_sequential": "K x lrfast K=1",
+              "ms_per_step_sequential_torch_lr_finder": "K x torch-lr-finder",
+              "floor_ms_per_step": "compute floor"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.2), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        sub = [r for r in rows if r["workload"] == wl]
+        for col, label in series.items():
+            pts = [(int(r["k"]), float(r[col])) for r in sub if r[col] and np.isfinite(float(r[col]))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="--" if col == "floor_ms_per_step" else "-", label=label)
+        ax.set(xscale="log", yscale="log", title=wl, xlabel="K (candidate LRs)", ylabel="ms per step")
+        ax.set_xticks([int(r["k"]) for r in sub], [r["k"] for r in sub])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    c = rows[0]
+    fig.suptitle(f"{c['steps']} steps, batch {c['batch_size']}, Adam; {c['cores']} cores, torch {c['torch']}, "
+                 f"commit {c['commit']}, {c['date']}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out / "candidates.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke run: K 1,2, 5 steps, 1 repeat, into a temp folder")
+    ap.add_argument("--render-only", action="store_true", help="re-render candidates.md/.png from the CSV")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ks, args.steps, args.repeats = "1,2", 5, 1
+    out = args.out or (Path(tempfile.gettempdir()) / "lrfast-bench-candidates-quick" if args.quick else OUT)
+    if not args.render_only:
+        ks = [int(k) for k in args.ks.split(",")]
+        gflops = matmul_gflops()
+        # the K = 1 step as lrfast's steps phase times it (set-up left out), 50 steps, best of 3
+        k1_ms = 1e3 * min(one_pass(digits(), mlp, [1e-3], 50)[2]["timings"]["steps"] for _ in range(3)) / 50
+        if args.quick:
+            rounds, loader_ms = 4, loader_ms_per_batch(4)
+        else:
+            rounds, loader_ms = calibrate_rounds(LOADER_FACTOR * k1_ms)
+        print(f"matmul {gflops:.0f} GFLOP/s; K=1 MLP step {k1_ms:.2f} ms; loader {rounds} rounds -> {loader_ms:.2f} "
+              "ms/batch", flush=True)  # fmt: skip
+        rows = []
+        for wl in args.workloads.split(","):
+            rows += bench_workload(
+                wl, ks, args.steps, args.repeats, max(gflops, matmul_gflops()), rounds, loader_ms, k1_ms
+            )
+            write_csv(out, rows)
+    write_md(out)
+    write_png(out)
+    print(open(out / "candidates.md").read())
 
 
 if __name__ == "__main__":
