@@ -116,15 +116,11 @@ def find(
     steps_run = 0
     try:
         seed_all(seed)
-        micro = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(loader, steps * accumulate)]
-        _batches.check_consistent(micro, "loader")
+        micro = _batches.cache(loader, steps * accumulate, device)
         # splits[t]: what step t trains on: one batch, or with accumulate=N a list of N micro-batches
         splits = micro if accumulate == 1 else [micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)]
         rng = capture_rng()
-        val = None
-        if val_loader is not None:
-            val = [_batches.split(_batches.to_device(b, device)) for b in _batches.take(val_loader, val_batches)]
-            _batches.check_consistent(val, "val_loader")
+        val = None if val_loader is None else _batches.cache(val_loader, val_batches, device, "val_loader")
         chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, k, max_memory)
         if chunk < k:
             notes.append(f"max_memory: {k} candidates need ~{memory['per_candidate'] * k / 2**20:.1f} MiB, "

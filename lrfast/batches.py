@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 
-def take(loader: Iterable, steps: int) -> list[Any]:
+def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader") -> list[Split]:
+    """The first `n` batches of `loader` (argument `name`), on `device`, split for the model and checked to share
+    one structure: what a run trains (or validates) on."""
+    splits = [split(to_device(b, device)) for b in take(loader, n, name)]
+    check_consistent(splits, name)
+    return splits
+
+
+def take(loader: Iterable, steps: int, name: str = "loader") -> list[Any]:
     """The first `steps` batches of `loader`, re-iterating it (a new epoch) as often as needed.
 
     A DataLoader over a TensorDataset with the default collate is read by indexing the dataset's tensors with each
@@ -22,7 +30,7 @@ def take(loader: Iterable, steps: int) -> list[Any]:
     fetch + collate (~0.25 ms per batch of 64 on the 2-core CPU, a third of a digits-MLP step)."""
     if isinstance(loader, (torch.Tensor, Mapping)) or not isinstance(loader, Iterable):
         raise TypeError(
-            f"loader={type(loader).__name__} is not an iterable of batches; pass a DataLoader or a list of "
+            f"{name}={type(loader).__name__} is not an iterable of batches; pass a DataLoader or a list of "
             "(inputs, targets) batches"
         )
     epoch = _tensor_dataset_epoch if _is_plain_tensor_loader(loader) else iter
@@ -35,9 +43,9 @@ def take(loader: Iterable, steps: int) -> list[Any]:
                 break
         if len(batches) == before:
             if before == 0:
-                raise ValueError("loader is empty: it yielded no batch; pass a loader with at least one batch")
+                raise ValueError(f"{name} is empty: it yielded no batch; pass a loader with at least one batch")
             raise ValueError(
-                f"loader yielded {before} batches once and none when iterated again (a one-shot generator?); "
+                f"{name} yielded {before} batches once and none when iterated again (a one-shot generator?); "
                 f"pass a re-iterable loader (a DataLoader or a list) or one with at least steps={steps} batches"
             )
     return batches

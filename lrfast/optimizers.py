@@ -138,7 +138,7 @@ def _fresh_copy(opt: torch.optim.Optimizer, notes: list[str]) -> torch.optim.Opt
         return copy.deepcopy(opt, memo={id(p): p for g in opt.param_groups for p in g["params"]})
 
 
-def set_lr(plan: Plan, lr: float) -> None:
-    """Generic path: the sweep's LR for this step, every group scaled by its ratio."""
-    for g, scale in zip(plan.generic.param_groups, plan.scales):
+def set_lr(opt: torch.optim.Optimizer, scales: list[float], lr: float) -> None:
+    """Generic path: this step's LR on a private optimizer, every param group scaled by its ratio."""
+    for g, scale in zip(opt.param_groups, scales):
         g["lr"] = lr * scale

@@ -71,12 +71,11 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
             alive = (tracker.alive if ok is None else tracker.alive & ok).tolist()
             for k, opt in enumerate(generic):
                 if alive[k]:  # a stopped candidate is frozen, as lr 0 does on the fused path
-                    for g, scale in zip(opt.param_groups, plan.scales):
-                        g["lr"] = float(lr_table[t, k]) * scale
+                    optimizers.set_lr(opt, plan.scales, float(lr_table[t, k]))
                     opt.step()
         elif plan.kind == "generic":
             if ok is None or bool(ok[0]):
-                optimizers.set_lr(plan, float(lr_table[t, 0]))
+                optimizers.set_lr(plan.generic, plan.scales, float(lr_table[t, 0]))
                 plan.generic.step()
         else:
             lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
