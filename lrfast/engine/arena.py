@@ -47,20 +47,31 @@ class Arena:
     def __init__(self, plan: Plan, k: int, device: torch.device):
         self.k, self.device, self.kind = k, device, plan.kind
         self.segments: list[Segment] = []
+        layout = []
         for group in plan.groups:
             by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
             for p in group.params:
                 by_dtype.setdefault(p.dtype, []).append(p)
-            for dtype, params in by_dtype.items():
-                n = sum(p.numel() for p in params)
-                row = torch.cat([p.detach().reshape(-1).to(device) for p in params])
-                flat = row.unsqueeze(0).repeat(k, 1).contiguous()
-                seg = Segment(params, group.hp, group.lr_scale, flat, torch.zeros(k, n, dtype=dtype, device=device))
-                if plan.kind == "adam":
-                    seg.state = {"m": torch.zeros_like(flat), "v": torch.zeros_like(flat)}
-                elif plan.kind == "sgd" and group.hp.momentum != 0:
-                    seg.state = {"buf": torch.zeros_like(flat)}
-                self.segments.append(seg)
+            layout += [(group, dtype, params) for dtype, params in by_dtype.items()]
+        # every segment's grads [K, n] are consecutive slices of one flat buffer per dtype, so a distributed run
+        # all-reduces all the grads of a dtype in one call
+        sizes: dict[torch.dtype, int] = {}
+        for _, dtype, params in layout:
+            sizes[dtype] = sizes.get(dtype, 0) + k * sum(p.numel() for p in params)
+        self.grad_buffers = {dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        for group, dtype, params in layout:
+            n = sum(p.numel() for p in params)
+            row = torch.cat([p.detach().reshape(-1).to(device) for p in params])
+            flat = row.unsqueeze(0).repeat(k, 1).contiguous()
+            g = self.grad_buffers[dtype][offsets[dtype] : offsets[dtype] + k * n].view(k, n)
+            offsets[dtype] += k * n
+            seg = Segment(params, group.hp, group.lr_scale, flat, g)
+            if plan.kind == "adam":
+                seg.state = {"m": torch.zeros_like(flat), "v": torch.zeros_like(flat)}
+            elif plan.kind == "sgd" and group.hp.momentum != 0:
+                seg.state = {"buf": torch.zeros_like(flat)}
+            self.segments.append(seg)
 
     @property
     def numel(self) -> int:
@@ -74,8 +85,8 @@ class Arena:
         return per
 
     def zero_grad(self) -> None:
-        for s in self.segments:
-            s.g.zero_()
+        for buf in self.grad_buffers.values():
+            buf.zero_()
 
     def update(self, lr: torch.Tensor, step: int) -> None:
         """One fused optimizer step for every candidate: lr [K] float64 (0 freezes a candidate); step is 1-based."""
