@@ -1,0 +1,248 @@
+"""Fused K-candidate SGD / Adam / AdamW steps as Triton kernels: one launch updates every parameter of every
+candidate (grid: blocks of a row x candidates). Each candidate reads its LR from a device tensor, either the
+current LRs [K] or the whole LR table [S, K] at the step counter, and the step counter may itself be a device
+tensor, so nothing on the host changes between steps and a launch can be captured in a CUDA graph and replayed.
+
+Contract (as lrfast/kernels/reference.py, except where said):
+    p, m, v, buf: fp32 [K, N] contiguous on one device; g: [K, N] fp32, bf16 or fp16 (read only)
+    lr: float tensor [K] on p's device, or [S, K]: the row of this step (step - 1) is used
+    step: 1-based, a Python int or a 0-dim / [1] int64 tensor on p's device (read, never written)
+    mask: optional float / bool [K]: candidate k's LR is multiplied by mask[k] (0 freezes it, e.g. diverged)
+    low: optional bf16 / fp16 [K, N]: written with the updated p rounded to its dtype (bf16 weights with fp32
+         master weights and moments: p is the master, low is what the model computes with)
+An effective LR of exactly 0 leaves that candidate's p, m, v, buf (and low) unchanged. Bias corrections are
+computed on the device in fp64 from the step; the element maths is fp32 with IEEE-rounded division and sqrt, so the
+result equals torch.optim (foreach=False) within fp32 rounding (tests/test_triton.py states the measured error).
+
+Triton is imported here only; `import lrfast` never needs it. With TRITON_INTERPRET=1 set before this module is
+imported, the kernels run on CPU tensors (slow: for tests)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from lrfast.kernels.reference import AdamParams, SGDParams
+
+__all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # triton is optional at run time
+    triton = tl = None
+    _IMPORT_ERROR: str | None = f"triton is not installed ({e}); pip install triton"
+else:
+    _IMPORT_ERROR = None
+
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _why_not() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not INTERPRETED and not torch.cuda.is_available():
+        return "no CUDA device (the Triton kernels run on GPUs; TRITON_INTERPRET=1 runs them on CPU for tests)"
+    return None
+
+
+WHY: str | None = _why_not()
+AVAILABLE: bool = WHY is None
+
+BLOCK = 1024
+_LOW = (torch.bfloat16, torch.float16)
+
+if triton is not None:
+
+    @triton.jit
+    def _step_and_lr(lr_ptr, mask_ptr, step_ptr, step_val, k, K, STEP_ON_DEVICE: tl.constexpr,
+                     LR_TABLE: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+        """This step's number (int64) and candidate k's effective LR (fp64)."""
+        if STEP_ON_DEVICE:
+            step = tl.load(step_ptr).to(tl.int64)
+        else:
+            step = tl.full((), step_val, tl.int64)
+        if LR_TABLE:
+            lr = tl.load(lr_ptr + (step - 1) * K + k).to(tl.float64)
+        else:
+            lr = tl.load(lr_ptr + k).to(tl.float64)
+        if HAS_MASK:
+            lr = lr * tl.load(mask_ptr + k).to(tl.float64)
+        return step, lr
+
+    @triton.jit
+    def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, lr_ptr, mask_ptr, step_ptr, hp_ptr, step_val, N, K,
+                     DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
+                     LR_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOW: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+        k = tl.program_id(1)
+        step, lr = _step_and_lr(lr_ptr, mask_ptr, step_ptr, step_val, k, K, STEP_ON_DEVICE, LR_TABLE, HAS_MASK)
+        # hp (fp64): beta1, beta2, eps, weight_decay, log(beta1), log(beta2)
+        beta1, beta2 = tl.load(hp_ptr), tl.load(hp_ptr + 1)
+        eps, wd = tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
+        stepf = step.to(tl.float64)
+        bc1 = 1.0 - tl.exp(stepf * tl.load(hp_ptr + 4))  # 1 - beta1**step, as torch.optim computes it on the host
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp(stepf * tl.load(hp_ptr + 5)))
+        step_size = (lr / bc1).to(tl.float32)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < tl.where(lr != 0.0, N, 0)  # lr 0: the candidate is frozen, nothing is read or written
+        row = k.to(tl.int64) * N
+        p = tl.load(p_ptr + row + offs, mask=live)
+        g = tl.load(g_ptr + row + offs, mask=live).to(tl.float32)
+        m = tl.load(m_ptr + row + offs, mask=live)
+        v = tl.load(v_ptr + row + offs, mask=live, other=0.0)  # other: no sqrt of garbage in masked lanes
+        if HAS_WD:
+            if DECOUPLED:
+                p = p * (1.0 - lr * wd).to(tl.float32)
+            else:
+                g = g + wd.to(tl.float32) * p
+        m = m + (1.0 - beta1).to(tl.float32) * (g - m)  # torch's lerp(m, g, 1 - beta1) for a weight < 0.5
+        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt.to(tl.float32)) + eps.to(tl.float32)
+        p = p - tl.div_rn(step_size * m, denom)
+        tl.store(p_ptr + row + offs, p, mask=live)
+        tl.store(m_ptr + row + offs, m, mask=live)
+        tl.store(v_ptr + row + offs, v, mask=live)
+        if HAS_LOW:
+            tl.store(low_ptr + row + offs, p.to(low_ptr.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _sgd_kernel(p_ptr, g_ptr, buf_ptr, low_ptr, lr_ptr, mask_ptr, step_ptr, hp_ptr, step_val, N, K,
+                    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
+                    LR_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOW: tl.constexpr,
+                    BLOCK: tl.constexpr):  # fmt: skip
+        k = tl.program_id(1)
+        step, lr = _step_and_lr(lr_ptr, mask_ptr, step_ptr, step_val, k, K, STEP_ON_DEVICE, LR_TABLE, HAS_MASK)
+        # hp (fp64): momentum, dampening, weight_decay
+        momentum = tl.load(hp_ptr).to(tl.float32)
+        one_minus_dampening = (1.0 - tl.load(hp_ptr + 1)).to(tl.float32)
+        wd = tl.load(hp_ptr + 2).to(tl.float32)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < tl.where(lr != 0.0, N, 0)
+        row = k.to(tl.int64) * N
+        p = tl.load(p_ptr + row + offs, mask=live)
+        g = tl.load(g_ptr + row + offs, mask=live).to(tl.float32)
+        if HAS_WD:
+            g = g + wd * p
+        if MOMENTUM:
+            buf = tl.load(buf_ptr + row + offs, mask=live)
+            buf = tl.where(step == 1, g, buf * momentum + one_minus_dampening * g)  # torch's first-step rule
+            tl.store(buf_ptr + row + offs, buf, mask=live)
+            if NESTEROV:
+                g = g + momentum * buf
+            else:
+                g = buf
+        p = p - lr.to(tl.float32) * g
+        tl.store(p_ptr + row + offs, p, mask=live)
+        if HAS_LOW:
+            tl.store(low_ptr + row + offs, p.to(low_ptr.dtype.element_ty), mask=live)
+
+
+_hp_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _hp_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The hyper-parameters as an fp64 device tensor, made once per (values, device) so a replayed graph's
+    pointer stays valid."""
+    key = (values, device)
+    t = _hp_cache.get(key)
+    if t is None:
+        t = _hp_cache[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
+
+
+def _check(p, g, state: dict, lr, step, mask, low) -> None:
+    """Raise TypeError / ValueError naming the first bad argument."""
+    if not AVAILABLE:
+        raise RuntimeError(f"the Triton kernels are not available: {WHY}")
+    for name, t in (("p", p), ("g", g), *state.items(), ("lr", lr)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if p.dtype != torch.float32 or p.dim() != 2:
+        raise TypeError(f"p must be an fp32 [K, N] tensor (the master weights), got {p.dtype} {tuple(p.shape)}")
+    if g.dtype not in (torch.float32, *_LOW):
+        raise TypeError(f"g must be fp32, bf16 or fp16, got {g.dtype}")
+    tensors = [("p", p), ("g", g), *state.items()] + ([("low", low)] if low is not None else [])
+    for name, t in tensors:
+        if name in state and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be fp32 like p, got {t.dtype}")
+        if t.shape != p.shape:
+            raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+        if t.device != p.device:
+            raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
+    if low is not None and low.dtype not in _LOW:
+        raise TypeError(f"low must be bf16 or fp16 (the model's low-precision weights), got {low.dtype}")
+    k = p.shape[0]
+    if not lr.is_floating_point() or lr.device != p.device or not lr.is_contiguous():
+        raise ValueError(f"lr must be a contiguous float tensor on {p.device}, got {lr.dtype} on {lr.device}")
+    if lr.dim() not in (1, 2) or lr.shape[-1] != k:
+        raise ValueError(f"lr must be [K] = [{k}] or an LR table [S, {k}], got {tuple(lr.shape)}")
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.numel() != 1 or step.device != p.device:
+            raise ValueError(f"step must be a Python int or a one-element int64 tensor on {p.device}, got "
+                             f"{step.dtype} {tuple(step.shape)} on {step.device}")  # fmt: skip
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (1-based) or a device tensor, got {step!r}")
+    elif lr.dim() == 2 and step > lr.shape[0]:
+        raise ValueError(f"step={step} is past the LR table's {lr.shape[0]} rows")
+    if mask is not None and (mask.shape != (k,) or mask.device != p.device):
+        raise ValueError(f"mask must be [K] = [{k}] on {p.device}, got {tuple(mask.shape)} on {mask.device}")
+
+
+def _common(p, lr, step, mask, low) -> tuple[tuple, dict]:
+    on_device = isinstance(step, torch.Tensor)
+    pointers = (low if low is not None else p, lr, mask if mask is not None else lr, step if on_device else lr)
+    flags = dict(STEP_ON_DEVICE=on_device, LR_TABLE=lr.dim() == 2, HAS_MASK=mask is not None, HAS_LOW=low is not None,
+                 BLOCK=BLOCK)  # fmt: skip
+    return pointers, flags
+
+
+def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None) -> None:
+    """One Adam / AdamW (hp.decoupled) step for every candidate whose effective LR is not 0."""
+    if not isinstance(hp, AdamParams):
+        raise TypeError(f"hp must be of type AdamParams, got {type(hp).__name__}")
+    _check(p, g, {"m": m, "v": v}, lr, step, mask, low)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.to(torch.float32)
+    k, n = p.shape
+    if n == 0 or k == 0:
+        return
+    values = (hp.beta1, hp.beta2, hp.eps, hp.weight_decay, _log(hp.beta1), _log(hp.beta2))
+    (low_, lr_, mask_, step_), flags = _common(p, lr, step, mask, low)
+    _adam_kernel[(triton.cdiv(n, BLOCK), k)](
+        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device), 0 if flags["STEP_ON_DEVICE"] else step,
+        n, k, DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0, **flags,
+    )  # fmt: skip
+
+
+def sgd_step(p, g, buf, lr, step, hp: SGDParams, *, mask=None, low=None) -> None:
+    """One SGD step (momentum, dampening, nesterov, weight decay) for every candidate whose effective LR is not 0;
+    buf is None when hp.momentum == 0."""
+    if not isinstance(hp, SGDParams):
+        raise TypeError(f"hp must be of type SGDParams, got {type(hp).__name__}")
+    state = {}
+    if hp.momentum != 0:
+        if buf is None:
+            raise ValueError(f"buf must be a [K, N] momentum buffer when momentum != 0 (momentum={hp.momentum})")
+        state = {"buf": buf}
+    _check(p, g, state, lr, step, mask, low)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.to(torch.float32)
+    k, n = p.shape
+    if n == 0 or k == 0:
+        return
+    values = (hp.momentum, hp.dampening, hp.weight_decay)
+    (low_, lr_, mask_, step_), flags = _common(p, lr, step, mask, low)
+    _sgd_kernel[(triton.cdiv(n, BLOCK), k)](
+        p, g, buf if state else p, low_, lr_, mask_, step_, _hp_tensor(values, p.device),
+        0 if flags["STEP_ON_DEVICE"] else step, n, k, MOMENTUM=bool(state), NESTEROV=hp.nesterov,
+        HAS_WD=hp.weight_decay != 0, **flags,
+    )  # fmt: skip
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf  # beta 0: beta**step is 0 for every step >= 1

@@ -1,0 +1,223 @@
+"""The Triton K-candidate kernels (lrfast/kernels/triton_optim.py) against kernels/reference.py and torch.optim.
+
+On CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set here for the import only; fp32 and small
+shapes, as it runs each program in numpy), on CUDA compiled. Measured max abs error vs the reference over these
+tests (3 steps, values ~N(0, 1), up to ~5): 9.5e-7 absolute / 3.3e-7 relative (2-3 ulp of the operands: the order
+and grouping of the fp32 operations differ from torch's), 1.5e-7 absolute on results near 0 (cancellation of O(1)
+terms); frozen candidates and the LR table / device step path are compared bitwise."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+
+from lrfast.kernels import reference as ref  # noqa: E402
+from lrfast.kernels.reference import AdamParams, SGDParams  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _import_kernels():
+    """triton_optim with its kernels interpreted on CPU: TRITON_INTERPRET is read when the kernels are defined."""
+    if CUDA:
+        return importlib.import_module("lrfast.kernels.triton_optim")
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        name = "lrfast.kernels.triton_optim"
+        return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+T = _import_kernels()
+RTOL, ATOL = 4e-7, 2e-7  # measured: 3.3e-7 relative, 1.5e-7 absolute near 0 (cancellation), see the docstring
+
+ADAMS = {
+    "adam": AdamParams(),
+    "adam_wd": AdamParams(weight_decay=0.1),
+    "adamw": AdamParams(weight_decay=0.01, decoupled=True),
+    "adamw_betas": AdamParams(beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.1, decoupled=True),
+    "adam_beta1_0": AdamParams(beta1=0.0),
+}
+SGDS = {
+    "plain": SGDParams(),
+    "wd": SGDParams(weight_decay=1e-2),
+    "momentum": SGDParams(momentum=0.9),
+    "dampening": SGDParams(momentum=0.5, dampening=0.3, weight_decay=1e-3),
+    "nesterov": SGDParams(momentum=0.9, nesterov=True, weight_decay=1e-2),
+}
+SHAPES = [(1, 1), (1, 37), (3, 1), (3, 37), (3, 1025), (2, 2049)]  # odd sizes; one and several blocks per row
+
+
+def _tensors(k, n, seed=0, count=4):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, n, generator=gen).to(DEVICE) for _ in range(count)]
+
+
+def _lrs(k) -> torch.Tensor:
+    return torch.tensor([1e-3, 3e-2, 0.5][:k] if k <= 3 else [1e-2] * k, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(ADAMS))
+def test_adam_kernel_equals_reference_over_steps(name, shape):
+    hp = ADAMS[name]
+    p, g, m, v = _tensors(*shape)
+    m.zero_(), v.zero_()
+    want = [t.cpu().clone() for t in (p, g, m, v)]
+    lr = _lrs(shape[0])
+    for step in (1, 2, 3):
+        T.adam_step(p, g, m, v, lr.to(DEVICE), step, hp)
+        ref.adam_step(*want, lr, step, hp)
+    for got, exp in zip((p, m, v), (want[0], want[2], want[3])):
+        torch.testing.assert_close(got.cpu(), exp, rtol=RTOL, atol=ATOL)
+    assert torch.equal(g.cpu(), want[1])  # g is read only
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(SGDS))
+def test_sgd_kernel_equals_reference_over_steps(name, shape):
+    hp = SGDS[name]
+    p, g, buf = _tensors(*shape, count=3)
+    want = [t.cpu().clone() for t in (p, g, buf)]
+    lr = _lrs(shape[0])
+    with_buf = hp.momentum != 0
+    for step in (1, 2, 3):
+        T.sgd_step(p, g, buf if with_buf else None, lr.to(DEVICE), step, hp)
+        ref.sgd_step(want[0], want[1], want[2] if with_buf else None, lr, step, hp)
+    torch.testing.assert_close(p.cpu(), want[0], rtol=RTOL, atol=ATOL)
+    if with_buf:
+        torch.testing.assert_close(buf.cpu(), want[2], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "make, step_fn",
+    [
+        (lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.01, foreach=False), "adamw"),
+        (lambda ps: torch.optim.Adam(ps, lr=3e-2, betas=(0.8, 0.99), weight_decay=0.1, foreach=False), "adam"),
+        (lambda ps: torch.optim.SGD(ps, lr=3e-2, momentum=0.9, nesterov=True, weight_decay=0.1, foreach=False), "sgd"),
+    ],
+    ids=["adamw", "adam", "sgd_nesterov"],
+)
+def test_kernels_equal_torch_optim_row_by_row(make, step_fn):
+    """Candidate k's row after 4 steps equals torch.optim run on that row alone (K = 3, N = 37)."""
+    k, n = 3, 37
+    p0, grads = _tensors(k, n, seed=1, count=1)[0].cpu(), [_tensors(k, n, seed=s, count=1)[0] for s in range(2, 6)]
+    opts = [make([torch.nn.Parameter(p0[i].clone())]) for i in range(k)]
+    p = p0.clone().to(DEVICE)
+    state = [torch.zeros_like(p) for _ in range(2)]
+    lr = torch.full((k,), 3e-2, dtype=torch.float64, device=DEVICE)
+    for step, g in enumerate(grads, start=1):
+        hp = _hp_of(opts[0])
+        if step_fn == "sgd":
+            T.sgd_step(p, g, state[0], lr, step, hp)
+        else:
+            T.adam_step(p, g, state[0], state[1], lr, step, hp)
+        for i, opt in enumerate(opts):
+            opt.param_groups[0]["params"][0].grad = g[i].cpu().clone()
+            opt.step()
+    want = torch.stack([opt.param_groups[0]["params"][0].detach() for opt in opts])
+    torch.testing.assert_close(p.cpu(), want, rtol=RTOL, atol=ATOL)
+
+
+def _hp_of(opt):
+    group = opt.param_groups[0]
+    if isinstance(opt, torch.optim.SGD):
+        return SGDParams(group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+    beta1, beta2 = group["betas"]
+    return AdamParams(beta1, beta2, group["eps"], group["weight_decay"], isinstance(opt, torch.optim.AdamW))
+
+
+def test_frozen_candidate_is_bitwise_unchanged_by_lr_zero_and_by_mask():
+    p, g, m, v = _tensors(3, 37)
+    before = [t.clone() for t in (p, m, v)]
+    lr = torch.tensor([0.0, 1e-2, 1e-2], device=DEVICE)
+    mask = torch.tensor([True, True, False], device=DEVICE)
+    T.adam_step(p, g, m, v, lr, 1, AdamParams(weight_decay=0.1, decoupled=True), mask=mask)
+    for now, then in zip((p, m, v), before):
+        assert torch.equal(now[0], then[0]) and torch.equal(now[2], then[2])
+        assert not torch.equal(now[1], then[1])
+
+
+def test_lr_table_and_device_step_counter_pick_the_row_of_the_step():
+    """lr [S, K] with a device step tensor: step t uses row t - 1; equal to passing that row and the int step."""
+    k, n, steps = 3, 37, 4
+    table = torch.logspace(-3, -1, steps * k, dtype=torch.float64).reshape(steps, k).to(DEVICE)
+    p, g, m, v = _tensors(k, n)
+    m.zero_(), v.zero_()
+    q, mq, vq = p.clone(), m.clone(), v.clone()
+    counter = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    hp = AdamParams(weight_decay=0.01, decoupled=True)
+    for t in range(1, steps + 1):
+        counter += 1
+        T.adam_step(p, g, m, v, table, counter, hp)
+        T.adam_step(q, g, mq, vq, table[t - 1].contiguous(), t, hp)
+    assert torch.equal(p, q) and torch.equal(m, mq) and torch.equal(v, vq)
+    assert int(counter) == steps  # read, never written
+
+
+def test_low_precision_copy_is_the_updated_fp32_master_rounded():
+    p, g, m, v = _tensors(2, 37)
+    m.zero_(), v.zero_()
+    low = torch.zeros(2, 37, dtype=torch.bfloat16, device=DEVICE)
+    T.adam_step(p, g.to(torch.bfloat16), m, v, torch.tensor([1e-2, 0.0], device=DEVICE), 1, AdamParams(), low=low)
+    want = p[0].to(torch.bfloat16)
+    if CUDA:
+        assert torch.equal(low[0], want)
+    else:  # the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest even: within one bf16 ulp
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
+        assert ((low[0].float() - want.float()).abs() <= ulp).all()
+    assert torch.equal(low[1], torch.zeros(37, dtype=torch.bfloat16, device=DEVICE))  # frozen: not written
+
+
+def test_bf16_grads_are_read_as_fp32():
+    p, g, m, v = _tensors(2, 37)
+    m.zero_(), v.zero_()
+    want = [t.cpu().clone() for t in (p, m, v)]
+    g16 = g.to(torch.bfloat16)
+    lr = torch.tensor([1e-2, 3e-2], dtype=torch.float64)
+    T.sgd_step(p, g16, m, lr.to(DEVICE), 1, SGDParams(momentum=0.9))
+    ref.sgd_step(want[0], g16.float().cpu(), want[1], lr, 1, SGDParams(momentum=0.9))
+    torch.testing.assert_close(p.cpu(), want[0], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(p=torch.zeros(2, 5, dtype=torch.float64)), "p must be an fp32"),
+        (dict(m=torch.zeros(2, 4)), "m must have p's shape"),
+        (dict(v=torch.zeros(5, 2).t()), "v must be contiguous"),
+        (dict(g=torch.zeros(2, 5, dtype=torch.int32)), "g must be fp32, bf16 or fp16"),
+        (dict(lr=torch.ones(3)), r"lr must be \[K\] = \[2\]"),
+        (dict(step=0), "step must be an int >= 1"),
+        (dict(step=torch.ones(1)), "step must be a Python int or a one-element int64"),
+        (dict(lr=torch.ones(2, 2), step=3), "past the LR table's 2 rows"),
+        (dict(mask=torch.ones(3)), r"mask must be \[K\] = \[2\]"),
+        (dict(low=torch.zeros(2, 5)), "low must be bf16 or fp16"),
+        (dict(hp=SGDParams()), "hp must be of type AdamParams"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, match):
+    args = dict(p=torch.zeros(2, 5), g=torch.zeros(2, 5), m=torch.zeros(2, 5), v=torch.zeros(2, 5),
+                lr=torch.ones(2), step=1, hp=AdamParams())  # fmt: skip
+    args.update(change)
+    args = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+    kw = {name: args.pop(name) for name in ("mask", "low") if name in args}
+    with pytest.raises((TypeError, ValueError), match=match):
+        T.adam_step(args["p"], args["g"], args["m"], args["v"], args["lr"], args["step"], args["hp"], **kw)
+
+
+def test_sgd_with_momentum_needs_a_buffer():
+    with pytest.raises(ValueError, match="buf must be a"):
+        T.sgd_step(torch.zeros(1, 3), torch.zeros(1, 3), None, torch.ones(1), 1, SGDParams(momentum=0.9))
