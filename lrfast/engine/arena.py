@@ -18,9 +18,10 @@ class Segment:
     params: list[nn.Parameter]
     hp: SGDParams | AdamParams | None
     lr_scale: float
-    p: torch.Tensor  # [K, N]
+    p: torch.Tensor  # [K, N], the parameters' dtype: what the model computes with
     g: torch.Tensor  # [K, N]
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 for low-precision parameters
+    master: torch.Tensor | None = None  # [K, N] fp32 master weights of bf16 / fp16 parameters (p is their rounding)
 
     def views(self, flat: torch.Tensor, k: int) -> list[torch.Tensor]:
         """Candidate k's per-parameter views into `flat` (self.p or self.g), shaped like the parameters."""
@@ -67,11 +68,20 @@ class Arena:
             g = self.grad_buffers[dtype][offsets[dtype] : offsets[dtype] + k * n].view(k, n)
             offsets[dtype] += k * n
             seg = Segment(params, group.hp, group.lr_scale, flat, g)
+            if plan.kind != "generic" and dtype in (torch.bfloat16, torch.float16):
+                seg.master = flat.float()  # the update runs in fp32 on the masters, p gets their rounding
+            upd = flat if seg.master is None else seg.master
             if plan.kind == "adam":
-                seg.state = {"m": torch.zeros_like(flat), "v": torch.zeros_like(flat)}
+                seg.state = {"m": torch.zeros_like(upd), "v": torch.zeros_like(upd)}
             elif plan.kind == "sgd" and group.hp.momentum != 0:
-                seg.state = {"buf": torch.zeros_like(flat)}
+                seg.state = {"buf": torch.zeros_like(upd)}
             self.segments.append(seg)
+        self.backend, self.why_not_triton = ("cpp" if kernels.BACKEND == "cpp" else "reference"), None
+        if device.type == "cuda" and plan.kind != "generic":
+            from lrfast.kernels import triton_optim  # imports triton: only for a CUDA arena
+
+            self.backend = "triton" if triton_optim.AVAILABLE else "reference"
+            self.why_not_triton = triton_optim.WHY
 
     @property
     def numel(self) -> int:
@@ -82,17 +92,41 @@ class Arena:
         per = 0
         for s in self.segments:
             per += (s.p[0].nbytes + s.g[0].nbytes) + sum(t[0].nbytes for t in s.state.values())
+            per += 0 if s.master is None else s.master[0].nbytes
         return per
 
     def zero_grad(self) -> None:
         for buf in self.grad_buffers.values():
             buf.zero_()
 
-    def update(self, lr: torch.Tensor, step: int) -> None:
-        """One fused optimizer step for every candidate: lr [K] float64 (0 freezes a candidate); step is 1-based."""
+    def update(self, lr: torch.Tensor, step, mask: torch.Tensor | None = None) -> None:
+        """One fused optimizer step for every candidate. lr: [K] (0 freezes a candidate), or the LR table [S, K]
+        whose row step - 1 is used; step: 1-based, an int or a one-element int64 tensor on the arena's device (the
+        Triton kernels read it there, so a captured step replays without host input); mask [K]: multiplies lr."""
+        if self.backend == "triton":
+            from lrfast.kernels import triton_optim as kernel
+
+            for s in self.segments:
+                p, low = (s.p, None) if s.master is None else (s.master, s.p)
+                seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
+                if self.kind == "adam":
+                    kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, step, s.hp, mask=mask, low=low)
+                else:
+                    kernel.sgd_step(p, s.g, s.state.get("buf"), seg_lr, step, s.hp, mask=mask, low=low)
+            return
+        if isinstance(step, torch.Tensor):
+            step = int(step)  # a host read: only the CPU path (or CUDA without Triton) gets here
+        if lr.dim() == 2:
+            lr = lr[step - 1]
+        if mask is not None:
+            lr = lr * mask
+        lr = lr.to("cpu", torch.float64)
         for s in self.segments:
             seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
+            p, g = (s.p, s.g) if s.master is None else (s.master, s.g.float())
             if self.kind == "adam":
-                kernels.adam_step(s.p, s.g, s.state["m"], s.state["v"], seg_lr, step, s.hp)
+                kernels.adam_step(p, g, s.state["m"], s.state["v"], seg_lr, step, s.hp)
             else:
-                kernels.sgd_step(s.p, s.g, s.state.get("buf"), seg_lr, step, s.hp)
+                kernels.sgd_step(p, g, s.state.get("buf"), seg_lr, step, s.hp)
+            if s.master is not None:
+                s.p.copy_(s.master)
