@@ -98,6 +98,11 @@ class Split:
     target: Any
 
 
+# a pytree node, so a step's inputs (a Split, or lists of them) flatten to their tensors (engine/graphed.py stacks
+# them for replay)
+pytree.register_pytree_node(Split, lambda s: ([s.args, s.kwargs, s.target], None), lambda c, _: Split(*c),
+                            serialized_type_name="lrfast.batches.Split")  # fmt: skip
+
 def split(batch: Any) -> Split:
     """(x, y) / [x, y] -> model(x), target y; (x1, x2, y) -> model(x1, x2), target y; dict -> model(**batch);
     a tensor -> model(tensor) with no target."""

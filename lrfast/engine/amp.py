@@ -37,9 +37,14 @@ class Scaler:
             ok &= torch.isfinite(seg.g).all(dim=1)
         return ok
 
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything `update` writes (in place, so a CUDA graph can capture it)."""
+        return [self.scale, self.clean, self.skipped]
+
     def update(self, ok: torch.Tensor) -> None:
-        self.clean = torch.where(ok, self.clean + 1, 0)
+        self.clean.copy_(torch.where(ok, self.clean + 1, 0))
         grow = self.clean >= self.growth_interval
-        self.scale = torch.where(ok, torch.where(grow, self.scale * 2, self.scale), self.scale / 2)
-        self.clean = torch.where(grow, 0, self.clean)
+        self.scale.copy_(torch.where(ok, torch.where(grow, self.scale * 2, self.scale), self.scale / 2))
+        self.clean.copy_(torch.where(grow, 0, self.clean))
         self.skipped += (~ok).long()

@@ -25,7 +25,7 @@ from lrfast.engine.arena import Arena
 
 class BatchedStep:
     def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = "",
-                 precision: str = "fp32", scaler=None):  # fmt: skip
+                 precision: str = "fp32", scaler=None, compile: bool = False):  # fmt: skip
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
         self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
@@ -36,7 +36,10 @@ class BatchedStep:
         self.buffers = _clone_buffers(model, arena.k)
         self.mode, self.why = ("loop", why_loop) if why_loop else ("vmap", "")
         self.calls = 0
-        self._vf = vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0), randomness=randomness)
+        self.compile = compile
+        self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
+                                       randomness=randomness))  # fmt: skip
+        self._vf_each = None  # one batch per candidate: built at the first call (in_dims follow the batch)
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -46,8 +49,8 @@ class BatchedStep:
             try:
                 loss = self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
-                if self.calls > 1 or is_oom(e):  # out of memory: the caller retries with fewer candidates
-                    raise
+                if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
+                    raise  # candidates; compiled: the caller retries this vmap eagerly (engine/graphed.py)
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
                 loss = self._loop(item)
@@ -97,13 +100,19 @@ class BatchedStep:
         params = dict(zip(self.names, self.p))
         if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
             s = _stack(item)
-            dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, (s.args, s.kwargs, s.target))
-            f = vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, *dims, 0), randomness=self.randomness)
-            grads, loss = f(params, self.buffers, s.args, s.kwargs, s.target, self._scales())
+            if self._vf_each is None:
+                dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None,
+                                       (s.args, s.kwargs, s.target))  # fmt: skip
+                self._vf_each = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, *dims, 0),
+                                                    randomness=self.randomness))  # fmt: skip
+            grads, loss = self._vf_each(params, self.buffers, s.args, s.kwargs, s.target, self._scales())
         else:
             grads, loss = self._vf(params, self.buffers, item.args, item.kwargs, item.target, self._scales())
         torch._foreach_copy_(self.g, [grads[n] for n in self.names])
         return loss.detach() / self._scales()
+
+    def _compiled(self, f):
+        return torch.compile(f, dynamic=False) if self.compile else f
 
     def _loop(self, item) -> torch.Tensor:
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill

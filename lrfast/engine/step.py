@@ -15,8 +15,10 @@ from lrfast.engine.arena import Arena
 
 
 class ModuleStep:
-    def __init__(self, model: nn.Module, arena: Arena, loss_fn, precision: str = "fp32", scaler=None):
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn, precision: str = "fp32", scaler=None,
+                 compile: bool = False):  # fmt: skip
         self.model, self.arena, self.user_loss_fn = model, arena, loss_fn
+        self.forward = torch.compile(model, dynamic=False) if compile else model  # training forward (+ backward)
         self.precision, self.scaler = precision, scaler
         self.loss_f = None
         self.loss_desc = ""
@@ -27,7 +29,7 @@ class ModuleStep:
         self.arena.zero_grad()
         first = self.loss_f is None
         with autocast(self.arena.device, self.precision):
-            out = self.model(*split.args, **split.kwargs)
+            out = self.forward(*split.args, **split.kwargs)
             loss = self._first_loss(out, split) if first else self.loss_f(out, split)
         (loss if self.scaler is None else loss * self.scaler.scale[0]).backward()
         if first:  # autograd accumulates into preset .grad views; check once that it did

@@ -1,0 +1,252 @@
+"""The GPU engine: the whole training step of all K candidates (forward + backward, torch.compile-d when asked; the
+fused Triton optimizer kernel reading each candidate's LR from the device LR table at the device step counter;
+the losses into the device buffer [K, S]; the smoothed loss / best / alive mask; the step counter += 1) is captured
+once in a CUDA graph and replayed S times. The host reads the alive mask every `check_every` steps with a
+non-blocking copy into pinned memory and stops when every candidate has diverged; no host sync inside the loop.
+
+Batches of all S steps are stacked on the device once; each step copies step t's into static input buffers (an
+index_select at the device counter), so every replay trains on its own batch. Warm-up runs on a side stream before
+capture (it compiles, and lets autograd and the allocator settle); the arena, buffers, tracker, counter and RNG are
+reset afterwards, so warm-up steps do not change the result.
+
+The same `run` serves without capture (graphs=False; CPU tensors too): then each step is called eagerly, with the
+same device-side bookkeeping. `why_not_graphs` says when a run cannot be captured; a capture that fails falls back
+to eager with the reason."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from lrfast.engine.arena import Arena
+from lrfast.engine.batched import is_oom
+from lrfast.engine.tracker import Tracker
+from lrfast.state import capture_rng, restore_rng
+
+WARMUP = 3  # steps before capture: the first compiles, the others let autograd's streams and the allocator settle
+
+
+class NotStatic(ValueError):
+    """The step inputs do not all have one structure and one set of shapes: they cannot be replayed."""
+
+
+class StaticInputs:
+    """The U distinct step inputs stacked on the device, and one set of static buffers that `load(t)` fills with
+    step t's input. `index` [S]: step t trains on items[index[t]]; [S, K]: candidate k on items[index[t, k]] (each
+    candidate its own batch: the input is then a list of K items)."""
+
+    def __init__(self, items: list, index: torch.Tensor):
+        first, self.spec = pytree.tree_flatten(items[0])
+        columns = []
+        for u, item in enumerate(items):
+            leaves, spec = pytree.tree_flatten(item)
+            if spec != self.spec:
+                raise NotStatic(f"batch {u} differs in structure from batch 0")
+            for a, b in zip(first, leaves):
+                if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or (
+                    isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype)
+                ):
+                    raise NotStatic(f"batch {u} differs in shape or dtype from batch 0 (a short last batch?)")
+                if not isinstance(a, torch.Tensor) and a != b:
+                    raise NotStatic(f"batch {u} has a non-tensor value that differs from batch 0's ({b!r} vs {a!r})")
+            columns.append(leaves)
+        self.index = index
+        self.stacked = [torch.stack([c[i] for c in columns]) if isinstance(x, torch.Tensor) else x
+                        for i, x in enumerate(first)]  # fmt: skip
+        rows = index[0].reshape(-1)
+        self.buffers = [x.index_select(0, rows).reshape(self._shape(x)) if isinstance(x, torch.Tensor) else x
+                        for x in self.stacked]  # fmt: skip
+        if index.dim() == 2:  # one item per candidate, views of the [K, ...] buffers
+            k = index.shape[1]
+            self.item = [self._unflatten([b[j] if isinstance(b, torch.Tensor) else b for b in self.buffers])
+                         for j in range(k)]  # fmt: skip
+        else:
+            self.item = self._unflatten(self.buffers)
+
+    def _shape(self, stacked: torch.Tensor) -> tuple:
+        return (*self.index.shape[1:], *stacked.shape[1:])
+
+    def _unflatten(self, leaves: list):
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def load(self, t: torch.Tensor):
+        """Copy step t's input (t: one-element int64 tensor on the device) into the static buffers; returns them."""
+        rows = self.index.index_select(0, t.reshape(1)).reshape(-1)
+        for x, b in zip(self.stacked, self.buffers):
+            if isinstance(x, torch.Tensor):
+                b.copy_(x.index_select(0, rows).reshape(b.shape))
+        return self.item
+
+
+def why_not_graphs(device: torch.device, arena: Arena, plan_kind: str) -> str:
+    """'' when the step can be captured in a CUDA graph, else why not."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (this run is on {device})"
+    if plan_kind == "generic":
+        return "the optimizer runs through torch.optim (not SGD/Adam/AdamW): its step reads LRs on the host"
+    if arena.backend != "triton":
+        return f"the fused optimizer is not the Triton kernel ({arena.why_not_triton})"
+    return ""
+
+
+def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static: StaticInputs,
+        lr_table: torch.Tensor, tracker: Tracker, *, graphs: bool, buffers: Callable[[], list], bar=None,
+        check_every: int = 10, val=None, val_every: int = 1, scaler=None, warmup: int = WARMUP) -> dict:  # fmt: skip
+    """Run up to S steps (lr_table [S, K] on the device). `make_step(compile)` builds the step (forward + backward
+    of every candidate, grads into the arena; see step.py / batched.py); a compile that fails falls back to the
+    eager step. `buffers()`: the step's mutable non-arena tensors (BatchNorm running stats), reset after warm-up.
+    Returns {"step": the step object, "steps_run", "timings": {compile, capture, steps}, "notes": [...],
+    "graphs": bool, "compiled": bool}."""
+    device = arena.device
+    cuda = device.type == "cuda"
+    steps = lr_table.shape[0]
+    counter = torch.zeros(1, dtype=torch.int64, device=device)  # 0-based index of the step about to run
+    out = {"notes": [], "timings": {}, "graphs": False, "compiled": compile}
+
+    def one_step(step) -> None:
+        loss = step(static.load(counter))
+        tracker.record(counter, loss)
+        counter.add_(1)  # now the 1-based number of this step: the kernels read the LR table's row counter - 1
+        mask = tracker.alive
+        if scaler is not None:  # fp16: a candidate with an inf/NaN grad skips this step, only it
+            ok = scaler.unscale_(arena.segments)
+            scaler.update(ok)
+            mask = mask & ok
+        arena.update(lr_table, counter, mask=mask)
+
+    def state() -> list[torch.Tensor]:
+        s = [counter, *tracker.tensors, *buffers()]
+        for seg in arena.segments:
+            s += [seg.p, *seg.state.values()] + ([seg.master] if seg.master is not None else [])
+        return s + ([] if scaler is None else scaler.tensors)
+
+    saved = [x.clone() for x in state()]
+    rng = capture_rng()
+
+    def reset() -> None:
+        for x, y in zip(state(), saved):
+            x.copy_(y)
+        restore_rng(rng)
+
+    step = make_step(compile)
+    need_warmup = compile or graphs
+    if need_warmup:
+        t0 = time.perf_counter()
+        try:
+            _on_side_stream(cuda, lambda: one_step(step))  # compiles
+            _sync(cuda)
+        except Exception as e:  # noqa: BLE001 - any compile failure selects the eager step
+            if not compile or is_oom(e):
+                raise
+            out["notes"].append(f"torch.compile failed, eager forward: {type(e).__name__}: {e}"[:300])
+            out["compiled"] = False
+            reset()
+            step = make_step(False)
+            _on_side_stream(cuda, lambda: one_step(step))
+            _sync(cuda)
+        out["timings"]["compile"] = time.perf_counter() - t0
+    graph = None
+    if graphs:
+        t0 = time.perf_counter()
+        graph, why = _capture(lambda: one_step(step), warmup - 1)
+        if why:
+            out["notes"].append(f"CUDA graph capture failed, eager steps: {why}")
+        out["timings"]["capture"] = time.perf_counter() - t0
+    if need_warmup:
+        reset()
+    out["graphs"] = graph is not None
+
+    t0 = time.perf_counter()
+    pending = collections.deque()
+    steps_done = steps
+    for i in range(steps):
+        if graph is not None:
+            graph.replay()
+        else:
+            one_step(step)
+        if val is not None and ((i + 1) % val_every == 0 or i + 1 == steps):
+            tracker.val[:, i] = torch.where(tracker.alive, step.evaluate(val).to(torch.float64), tracker._nan)
+        if bar is not None:
+            bar.update(1)
+            if i % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps
+                k = int(torch.argmin(tracker.best))
+                bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")
+        if (i + 1) % check_every == 0 and i + 1 < steps and _all_stopped(tracker.alive, pending):
+            steps_done = i + 1
+            break
+    _sync(cuda)
+    out["timings"]["steps"] = time.perf_counter() - t0
+    out["timings"]["steps_replayed"] = steps_done
+    out["steps_run"] = int(tracker.steps_run.max())
+    out["step"] = step
+    return out
+
+
+def _capture(one_step: Callable[[], None], warmup: int):
+    """Warm up on a side stream, then capture one step; returns (graph, '') or (None, why not)."""
+    try:
+        for _ in range(max(0, warmup)):
+            _on_side_stream(True, one_step)
+        torch.cuda.synchronize()
+        with _sync_errors():  # a host sync inside the step (e.g. .item() in the model) cannot be captured
+            _on_side_stream(True, one_step)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one_step()
+        torch.cuda.synchronize()
+        return graph, ""
+    except Exception as e:  # noqa: BLE001 - any capture failure selects eager steps
+        if is_oom(e):
+            raise
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def _on_side_stream(cuda: bool, fn: Callable[[], None]) -> None:
+    if not cuda:
+        fn()
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _all_stopped(alive: torch.Tensor, pending: collections.deque) -> bool:
+    """Queue a non-blocking copy of alive.any() and read the copies that have landed (on CUDA: an event query, no
+    wait; the host waits only when it is more than two checks ahead of the device). True when none is alive."""
+    if alive.device.type != "cuda":
+        return not bool(alive.any())
+    flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+    flag.copy_(alive.any().reshape(1), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    pending.append((event, flag))
+    while pending and (len(pending) > 2 or pending[0][0].query()):
+        event, flag = pending.popleft()
+        event.synchronize()
+        if not bool(flag[0]):
+            return True
+    return False

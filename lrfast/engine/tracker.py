@@ -1,0 +1,62 @@
+"""The run's bookkeeping on the device: raw and smoothed losses [K, S], the EMA, the best smoothed loss and its
+step, the alive mask and the step each candidate stopped at. Every update is in place and the step may be a device
+tensor, so a CUDA graph can capture `record` and replay it at every step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Tracker:
+    """Debiased EMA of the loss (fastai / Lightning): avg = b*avg + (1-b)*loss, smoothed = avg / (1 - b^n).
+    A candidate stops at the step where its smoothed loss exceeds threshold x its best smoothed loss, or is not
+    finite; that step is recorded, later ones are NaN."""
+
+    def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.losses = torch.full((k, steps), math.nan, **f64)
+        self.smoothed = torch.full((k, steps), math.nan, **f64)
+        self.avg = torch.zeros(k, **f64)
+        self.best = torch.full((k,), math.inf, **f64)
+        self.alive = torch.ones(k, dtype=torch.bool, device=device)
+        self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
+        self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
+        self.val = torch.full((k, steps), math.nan, **f64)
+        self.beta, self.threshold = smooth, threshold
+        self._beta = torch.tensor(smooth, **f64)
+        self._nan = torch.tensor(math.nan, **f64)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything `record` writes (to save and restore around a CUDA graph's warm-up)."""
+        return [self.losses, self.smoothed, self.avg, self.best, self.alive, self.steps_run, self.best_step, self.val]
+
+    def record(self, t, loss: torch.Tensor) -> None:
+        """Step t's (0-based; an int, or a one-element int64 tensor on the device) losses [K]."""
+        b, alive = self.beta, self.alive
+        loss = loss.to(torch.float64)
+        self.avg.copy_(torch.where(alive, self.avg * b + (1.0 - b) * loss, self.avg))
+        if isinstance(t, torch.Tensor):
+            smoothed = self.avg / (1.0 - torch.pow(self._beta, t + 1))
+        else:
+            smoothed = self.avg / (1.0 - b ** (t + 1))
+        _put(self.losses, t, torch.where(alive, loss, self._nan))
+        _put(self.smoothed, t, torch.where(alive, smoothed, self._nan))
+        self.best_step.copy_(torch.where(alive & (smoothed < self.best), t, self.best_step))
+        self.best.copy_(torch.where(alive, torch.fmin(self.best, smoothed), self.best))
+        bad = ~torch.isfinite(smoothed)
+        if self.threshold is not None:
+            bad |= smoothed > self.threshold * self.best
+        diverged = alive & bad
+        self.steps_run.copy_(torch.where(diverged, t + 1, self.steps_run))
+        self.alive &= ~diverged
+
+
+def _put(buf: torch.Tensor, t, column: torch.Tensor) -> None:
+    """buf[:, t] = column; with a device t without reading it on the host (index_copy_, not indexing)."""
+    if isinstance(t, torch.Tensor):
+        buf.index_copy_(1, t.reshape(1), column.reshape(-1, 1))
+    else:
+        buf[:, t] = column
