@@ -95,11 +95,15 @@ def why_not_graphs(device: torch.device, arena: Arena, plan_kind: str) -> str:
 
 
 def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static: StaticInputs,
-        lr_table: torch.Tensor, tracker: Tracker, *, graphs: bool, buffers: Callable[[], list], bar=None,
-        check_every: int = 10, val=None, val_every: int = 1, scaler=None, warmup: int = WARMUP) -> dict:  # fmt: skip
+        lr_table: torch.Tensor, tracker: Tracker, *, graphs: bool, buffers: Callable[[object], list], bar=None,
+        check_every: int = 10, val=None, val_every: int = 1, scaler=None, sync=None, warmup: int = WARMUP,
+        strict: bool = False) -> dict:  # fmt: skip
     """Run up to S steps (lr_table [S, K] on the device). `make_step(compile)` builds the step (forward + backward
     of every candidate, grads into the arena; see step.py / batched.py); a compile that fails falls back to the
-    eager step. `buffers()`: the step's mutable non-arena tensors (BatchNorm running stats), reset after warm-up.
+    eager step. `buffers(step)`: the step's mutable non-arena tensors (BatchNorm running stats), reset after
+    warm-up.
+    `sync` (distributed.Sync): grads and losses averaged over the ranks inside the step (NCCL inside the graph).
+    `strict`: the replay loop runs under torch.cuda.set_sync_debug_mode("error"), so any host sync raises.
     Returns {"step": the step object, "steps_run", "timings": {compile, capture, steps}, "notes": [...],
     "graphs": bool, "compiled": bool}."""
     device = arena.device
@@ -110,6 +114,8 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
 
     def one_step(step) -> None:
         loss = step(static.load(counter))
+        if sync is not None:
+            loss = sync.average(arena, loss)
         tracker.record(counter, loss)
         counter.add_(1)  # now the 1-based number of this step: the kernels read the LR table's row counter - 1
         mask = tracker.alive
@@ -120,13 +126,10 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
         arena.update(lr_table, counter, mask=mask)
 
     def state() -> list[torch.Tensor]:
-        s = [counter, *tracker.tensors, *buffers()]
+        s = [counter, *tracker.tensors, *buffers(step)]
         for seg in arena.segments:
             s += [seg.p, *seg.state.values()] + ([seg.master] if seg.master is not None else [])
         return s + ([] if scaler is None else scaler.tensors)
-
-    saved = [x.clone() for x in state()]
-    rng = capture_rng()
 
     def reset() -> None:
         for x, y in zip(state(), saved):
@@ -134,6 +137,8 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
         restore_rng(rng)
 
     step = make_step(compile)
+    saved = [x.clone() for x in state()]
+    rng = capture_rng()
     need_warmup = compile or graphs
     if need_warmup:
         t0 = time.perf_counter()
@@ -162,29 +167,39 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
     out["graphs"] = graph is not None
 
     t0 = time.perf_counter()
+    with _sync_errors() if strict and cuda else contextlib.nullcontext():
+        steps_done = _loop(graph, lambda: one_step(step), step, steps, tracker, lr_table, bar, check_every, val,
+                           val_every, sync)  # fmt: skip
+    _sync(cuda)
+    out["timings"]["steps"] = time.perf_counter() - t0
+    out["steps_replayed"] = steps_done
+    out["steps_run"] = int(tracker.steps_run.max())
+    out["step"] = step
+    return out
+
+
+def _loop(graph, one_step, step, steps, tracker, lr_table, bar, check_every, val, val_every, sync) -> int:
+    """Replay (or call) the step up to `steps` times; returns how many ran. No host sync unless a progress bar
+    is shown (its postfix reads the best LR every 10 steps)."""
     pending = collections.deque()
-    steps_done = steps
     for i in range(steps):
         if graph is not None:
             graph.replay()
         else:
-            one_step(step)
-        if val is not None and ((i + 1) % val_every == 0 or i + 1 == steps):
-            tracker.val[:, i] = torch.where(tracker.alive, step.evaluate(val).to(torch.float64), tracker._nan)
+            one_step()
+        if val is not None and ((i + 1) % val_every == 0 or i + 1 == steps):  # eager, between replays
+            scores = step.evaluate(val)
+            if sync is not None:
+                scores = sync.mean_(scores, "averaging the validation losses over the ranks")
+            tracker.val[:, i] = torch.where(tracker.alive, scores.to(torch.float64), tracker._nan)
         if bar is not None:
             bar.update(1)
-            if i % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps
+            if i % 10 == 9 and not bar.disable:
                 k = int(torch.argmin(tracker.best))
                 bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")
         if (i + 1) % check_every == 0 and i + 1 < steps and _all_stopped(tracker.alive, pending):
-            steps_done = i + 1
-            break
-    _sync(cuda)
-    out["timings"]["steps"] = time.perf_counter() - t0
-    out["timings"]["steps_replayed"] = steps_done
-    out["steps_run"] = int(tracker.steps_run.max())
-    out["step"] = step
-    return out
+            return i + 1
+    return steps
 
 
 def _capture(one_step: Callable[[], None], warmup: int):

@@ -1,0 +1,176 @@
+"""The GPU engine's runner (lrfast/engine/graphed.py) without capture, on CPU tensors: the device-side step counter,
+the static inputs read at it, the in-place tracker, warm-up + reset and the compile fallback give the same curves
+as the eager runner (engine/runner.py). Capture itself is tested on CUDA (tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import make_batches, make_mlp
+
+from lrfast import batches, optimizers, schedule, strategies
+from lrfast.engine import graphed, runner
+from lrfast.engine.arena import Arena
+from lrfast.engine.batched import BatchedStep
+from lrfast.engine.step import ModuleStep
+from lrfast.engine.tracker import Tracker
+from lrfast.state import Snapshot
+
+CPU = torch.device("cpu")
+
+
+def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, threshold=None, dropout=0.0,
+         wrap=None, compile=False, max_lr=1.0):  # fmt: skip
+    """One run of the candidates of `strategy` on the MLP with BatchNorm; returns (losses, smoothed, steps, out).
+    `wrap(build)`: a step builder made from the run's own (graphed engine)."""
+    model = make_mlp(batchnorm=True, dropout=dropout)
+    plan = optimizers.resolve(optimizer, model)
+    if strategy == "grid":
+        table = schedule.grid(1e-4, max_lr, k, steps)
+    else:
+        table = schedule.table(1e-4, max_lr, steps, "exp", k=k)
+    orders = strategies.orders(strategy, k, steps, seed=0)
+    snap = Snapshot(model)
+    try:
+        torch.manual_seed(0)
+        splits = batches.cache(make_batches(n=5), steps, CPU)
+        arena = Arena(plan, k, CPU)
+        snap.lend(arena.segments, CPU)
+        model.train()
+        tracker = (Tracker if engine == "graphed" else runner.Tracker)(k, steps, 0.98, threshold, CPU)
+        lr_table = torch.tensor(table.T, dtype=torch.float64).contiguous()
+
+        def build(compiled: bool):
+            if k == 1:
+                return ModuleStep(model, arena, None, compile=compiled)
+            return BatchedStep(model, arena, None, randomness="different" if strategy == "seeds" else "same",
+                               compile=compiled)  # fmt: skip
+
+        if engine == "runner":
+            step = build(False)
+            if k == 1:
+                inputs = [splits[i] for i in orders[0]]
+            elif strategy == "seeds":
+                inputs = [[splits[i] for i in orders[:, t]] for t in range(steps)]
+            else:
+                inputs = splits
+            steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker)
+            out = {}
+        else:
+            index = torch.tensor(orders.T if strategy == "seeds" and k > 1 else orders[0])
+            static = graphed.StaticInputs(splits, index.contiguous())
+            make_step = build if wrap is None else wrap(build)
+            out = graphed.run(make_step, compile, arena, static, lr_table, tracker, graphs=False,
+                              buffers=_buffers(model), check_every=1)  # fmt: skip
+            steps_run = out["steps_run"]
+        return tracker.losses.numpy().copy(), tracker.smoothed.numpy().copy(), steps_run, out
+    finally:
+        snap.restore()
+
+
+def _buffers(model):
+    def buffers(step):
+        return list(model.buffers()) if isinstance(step, ModuleStep) else list(step.buffers.values())
+
+    return buffers
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("k, strategy", [(1, "sweep"), (3, "grid"), (3, "seeds")])
+def test_device_counter_run_equals_the_eager_runner(k, strategy, optimizer):
+    want = _run("runner", k, strategy, optimizer=optimizer)
+    got = _run("graphed", k, strategy, optimizer=optimizer)
+    np.testing.assert_array_equal(got[0], want[0])  # raw losses: the same operations, bitwise
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-14)  # smoothed: b**n by torch.pow vs Python's **
+    assert got[2] == want[2] == 12
+
+
+def test_early_stop_on_the_device_equals_the_eager_runner():
+    want = _run("runner", 3, "sweep", optimizer="sgd", threshold=2.0, steps=30, max_lr=1e3)
+    got = _run("graphed", 3, "sweep", optimizer="sgd", threshold=2.0, steps=30, max_lr=1e3)
+    assert got[2] == want[2] < 30  # every candidate diverged: the run stopped early
+    np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(want[0]))
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_warm_up_steps_do_not_change_the_result():
+    """compile=True warms up first (one step, then the arena, BatchNorm stats, tracker, counter and RNG are reset);
+    with a step builder that ignores the flag, the curves must equal a run without warm-up bitwise (dropout on)."""
+    plain = _run("graphed", 1, "sweep", dropout=0.2)
+    warmed = _run("graphed", 1, "sweep", dropout=0.2, compile=True, wrap=lambda build: lambda compiled: build(False))
+    np.testing.assert_array_equal(warmed[0], plain[0])
+    assert warmed[3]["timings"]["compile"] > 0 and "compile" not in plain[3]["timings"]
+
+
+def test_compile_failure_falls_back_to_the_eager_step_with_the_reason():
+    """A compiled step whose first call raises: the run resets and goes on eagerly, same curve, reason noted."""
+
+    class Broken:
+        def __init__(self, inner):
+            self.buffers = inner.buffers
+
+        def __call__(self, item):
+            raise RuntimeError("inductor said no")
+
+    calls = []
+
+    def wrap(build):
+        def make_step(compiled):
+            calls.append(compiled)
+            return Broken(build(False)) if compiled else build(False)
+
+        return make_step
+
+    plain = _run("graphed", 3, "grid")
+    got = _run("graphed", 3, "grid", compile=True, wrap=wrap)
+    assert calls == [True, False]
+    np.testing.assert_array_equal(got[0], plain[0])
+    assert got[3]["compiled"] is False
+    assert any("torch.compile failed" in n and "inductor said no" in n for n in got[3]["notes"])
+
+
+def test_a_real_torch_compile_gives_the_eager_curve():
+    """torch.compile (inductor, CPU) of the K = 1 forward: the curve equals the eager one within fp32 rounding."""
+    plain = _run("graphed", 1, "sweep", steps=6)
+    got = _run("graphed", 1, "sweep", steps=6, compile=True)
+    assert got[3]["compiled"] is True, got[3]["notes"]
+    np.testing.assert_allclose(got[0], plain[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        ([batches.Split((torch.zeros(2, 3),), {}, None), batches.Split((torch.zeros(1, 3),), {}, None)],
+         "differs in shape or dtype"),
+        ([batches.Split((torch.zeros(2),), {}, None), batches.Split((torch.zeros(2), torch.zeros(2)), {}, None)],
+         "differs in structure"),
+        ([batches.Split((torch.zeros(2),), {"flag": True}, None), batches.Split((torch.zeros(2),), {"flag": False},
+                                                                               None)],
+         "non-tensor value"),
+    ],
+)  # fmt: skip
+def test_inputs_that_cannot_be_replayed_say_why(items, match):
+    with pytest.raises(graphed.NotStatic, match=match):
+        graphed.StaticInputs(items, torch.arange(2))
+
+
+def test_static_inputs_load_the_batch_of_the_device_step():
+    items = [batches.Split((torch.full((2,), float(u)),), {"n": 3}, torch.tensor(u)) for u in range(4)]
+    static = graphed.StaticInputs(items, torch.tensor([2, 0, 3]))
+    t = torch.tensor([2])
+    split = static.load(t)
+    assert split.args[0].tolist() == [3.0, 3.0] and int(split.target) == 3 and split.kwargs == {"n": 3}
+    per = graphed.StaticInputs(items, torch.tensor([[1, 2], [3, 0]]))
+    k0, k1 = per.load(torch.tensor([1]))
+    assert k0.args[0].tolist() == [3.0, 3.0] and k1.args[0].tolist() == [0.0, 0.0]
+
+
+def test_the_tracker_records_with_an_int_or_a_device_step_alike():
+    a, b = (Tracker(2, 5, 0.9, 3.0, CPU) for _ in range(2))
+    for t, loss in enumerate([[1.0, 2.0], [0.9, 5.0], [0.8, 90.0], [0.7, 1.0], [0.6, 1.0]]):
+        a.record(t, torch.tensor(loss))
+        b.record(torch.tensor([t]), torch.tensor(loss))
+    for x, y in zip(a.tensors, b.tensors):
+        torch.testing.assert_close(x, y, rtol=1e-15, atol=0, equal_nan=True)
+    assert a.steps_run.tolist() == [5, 3] and a.alive.tolist() == [True, False]
