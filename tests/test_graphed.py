@@ -21,10 +21,10 @@ CPU = torch.device("cpu")
 
 
 def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, threshold=None, dropout=0.0,
-         wrap=None, compile=False, max_lr=1.0):  # fmt: skip
+         wrap=None, compile=False, max_lr=1.0, device=CPU, graphs=False, strict=False):  # fmt: skip
     """One run of the candidates of `strategy` on the MLP with BatchNorm; returns (losses, smoothed, steps, out).
     `wrap(build)`: a step builder made from the run's own (graphed engine)."""
-    model = make_mlp(batchnorm=True, dropout=dropout)
+    model = make_mlp(batchnorm=True, dropout=dropout).to(device)
     plan = optimizers.resolve(optimizer, model)
     if strategy == "grid":
         table = schedule.grid(1e-4, max_lr, k, steps)
@@ -34,12 +34,12 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
     snap = Snapshot(model)
     try:
         torch.manual_seed(0)
-        splits = batches.cache(make_batches(n=5), steps, CPU)
-        arena = Arena(plan, k, CPU)
-        snap.lend(arena.segments, CPU)
+        splits = batches.cache(make_batches(n=5), steps, device)
+        arena = Arena(plan, k, device)
+        snap.lend(arena.segments, device)
         model.train()
-        tracker = (Tracker if engine == "graphed" else runner.Tracker)(k, steps, 0.98, threshold, CPU)
-        lr_table = torch.tensor(table.T, dtype=torch.float64).contiguous()
+        tracker = (Tracker if engine == "graphed" else runner.Tracker)(k, steps, 0.98, threshold, device)
+        lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()
 
         def build(compiled: bool):
             if k == 1:
@@ -58,13 +58,13 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
             steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker)
             out = {}
         else:
-            index = torch.tensor(orders.T if strategy == "seeds" and k > 1 else orders[0])
+            index = torch.tensor(orders.T if strategy == "seeds" and k > 1 else orders[0], device=device)
             static = graphed.StaticInputs(splits, index.contiguous())
             make_step = build if wrap is None else wrap(build)
-            out = graphed.run(make_step, compile, arena, static, lr_table, tracker, graphs=False,
-                              buffers=_buffers(model), check_every=1)  # fmt: skip
+            out = graphed.run(make_step, compile, arena, static, lr_table, tracker, graphs=graphs,
+                              buffers=_buffers(model), check_every=1, strict=strict)  # fmt: skip
             steps_run = out["steps_run"]
-        return tracker.losses.numpy().copy(), tracker.smoothed.numpy().copy(), steps_run, out
+        return tracker.losses.cpu().numpy(), tracker.smoothed.cpu().numpy(), steps_run, out
     finally:
         snap.restore()
 
@@ -174,3 +174,26 @@ def test_the_tracker_records_with_an_int_or_a_device_step_alike():
     for x, y in zip(a.tensors, b.tensors):
         torch.testing.assert_close(x, y, rtol=1e-15, atol=0, equal_nan=True)
     assert a.steps_run.tolist() == [5, 3] and a.alive.tolist() == [True, False]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("k, strategy", [(1, "sweep"), (4, "grid"), (4, "seeds")])
+def test_cuda_graph_replay_equals_eager_steps_on_the_gpu_without_a_host_sync(k, strategy):
+    """The captured step replayed S times (under set_sync_debug_mode("error"): any host sync in the loop raises)
+    gives the eager GPU runner's curve."""
+    gpu = torch.device("cuda")
+    want = _run("runner", k, strategy, device=gpu)
+    got = _run("graphed", k, strategy, device=gpu, graphs=True, strict=True)
+    assert got[3]["graphs"] is True, got[3]["notes"]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert set(got[3]["timings"]) >= {"capture", "steps"}
+
+
+@cuda
+def test_cuda_graph_stops_when_every_candidate_diverged():
+    gpu = torch.device("cuda")
+    got = _run("graphed", 3, "sweep", optimizer="sgd", threshold=2.0, steps=60, max_lr=1e3, device=gpu, graphs=True)
+    assert got[3]["graphs"] is True and got[2] < 60 and got[3]["steps_replayed"] < 60
