@@ -61,3 +61,37 @@ def test_grid_with_amp_runs_every_candidate(precision):
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision='fp8'.*fp32, bf16, fp16"):
         lrfast.find(make_mlp(), make_batches(), precision="fp8", progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_bf16_parameters_train_on_fp32_master_weights(optimizer):
+    """A bf16 model: the arena keeps fp32 masters (and moments); the model computes with their bf16 rounding. The
+    curve equals a plain loop doing exactly that (master update in fp32 with the bf16 grad, weights = master
+    rounded), and the model's bf16 weights are restored bitwise."""
+    model = make_mlp().to(torch.bfloat16)
+    batches = [(x.to(torch.bfloat16), y) for x, y in make_batches()]
+    before = [p.detach().clone() for p in model.parameters()]
+    reference = copy.deepcopy(model)
+    res = lrfast.find(model, batches, optimizer=optimizer, min_lr=1e-3, max_lr=1e-1, steps=10,
+                      early_stop_threshold=None, progress=False)  # fmt: skip
+    masters = [p.detach().float().clone() for p in reference.parameters()]
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)(masters, lr=1.0, foreach=False)
+    expected = []
+    for t, lr in enumerate(res.lrs[0]):
+        x, y = batches[t % len(batches)]
+        for p in reference.parameters():
+            p.grad = None
+        loss = nn.functional.cross_entropy(reference(x), y)  # in bf16, as the default loss computes it
+        loss.backward()
+        for master, p in zip(masters, reference.parameters()):
+            master.grad = p.grad.float()
+        opt.param_groups[0]["lr"] = float(lr)
+        opt.step()
+        with torch.no_grad():
+            for master, p in zip(masters, reference.parameters()):
+                p.copy_(master)
+        expected.append(loss.item())
+    np.testing.assert_allclose(res.losses[0], expected, rtol=1e-6)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # without masters, bf16 updates of lr ~1e-3 x grad would round away: the loss must move
+    assert abs(res.losses[0][-1] - res.losses[0][0]) > 1e-3
