@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lrfast import batches as _batches
+from lrfast import distributed as _distributed
 from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
 from lrfast.engine import amp, batched, runner
@@ -49,6 +50,8 @@ def find(
     val_every: int = 10,
     on: str = "train",
     precision: str = "fp32",
+    distributed: str | None = None,
+    timeout: float = 300.0,
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -88,9 +91,20 @@ def find(
     `accumulate=N` averages the grads and losses of N micro-batches per step (N x steps batches are taken): the
     same as one step on their concatenation for a mean-reduced loss.
 
+    `distributed` (under torchrun or after torch.distributed.init_process_group; a DistributedDataParallel model's
+    module is used): "ddp" (default when the group has more than one rank) trains the same candidates on every rank,
+    each on its own batches (shard the loader, e.g. a DistributedSampler), averaging grads and losses over the ranks
+    every step: the curve of the global batch, the same result on every rank. "candidates" splits the K candidates
+    over the ranks (at least one each), every rank reading the same batches, and gathers the full [K, S] result on
+    every rank. "off" ignores the group. A rank waits at most `timeout` seconds for the others; when one raises or
+    stalls, the others raise lrfast.distributed.DistributedError. With "ddp" an out-of-memory error is not retried
+    with fewer candidates (every rank would have to): pass max_memory. result.info["distributed"] says the mode,
+    world size and rank.
+
     The model's parameters, grads, buffers, training flags, the optimizer and the torch / numpy / python RNG states
     are bitwise unchanged afterwards, also after an exception or Ctrl-C. No file is written."""
     t0 = time.perf_counter()
+    model = _distributed.unwrap(model)
     _check_args(model, loss_fn, min_lr, max_lr, steps, mode, smooth, early_stop_threshold, suggestion, seed, progress)
     k = strategies.check(strategy, candidates, lrs, tolerance)
     _check_val(val_loader, val_batches, val_every, on)
@@ -103,6 +117,17 @@ def find(
         raise ValueError(f"max_memory={max_memory!r} must be a positive number of bytes, or None for a safe "
                          "fraction of the free memory; e.g. max_memory=2**30")  # fmt: skip
     device = _resolve_device(model, device)
+    dist_mode = _distributed.resolve(distributed, timeout)
+    first, end = 0, k  # the candidates this rank runs
+    if dist_mode != "off":
+        _distributed.check_backend(dist_mode, device)
+    if dist_mode == "candidates":
+        rank, world = _distributed.rank_world()
+        if k < world:
+            raise ValueError(f"distributed='candidates' with {k} candidate(s) on {world} ranks: every rank needs at "
+                             f"least one; pass candidates >= {world}, or distributed='ddp' to share the batches "
+                             "instead")  # fmt: skip
+        first, end = _distributed.shard(k, world, rank)
     plan = optimizers.resolve(optimizer, model)
     if strategy == "grid":
         table = schedule.grid(float(min_lr), float(max_lr), k, steps, lrs)
@@ -113,42 +138,54 @@ def find(
     snap = Snapshot(model)
     notes, forward = [], []
     losses, smoothed, val_losses = (np.full((k, steps), np.nan) for _ in range(3))
-    steps_run = 0
+    steps_run, sync = 0, None
     try:
+        if dist_mode != "off":
+            sync = _distributed.Sync(dist_mode, timeout, device)  # a collective: every rank gets here
         seed_all(seed)
         micro = _batches.cache(loader, steps * accumulate, device)
         # splits[t]: what step t trains on: one batch, or with accumulate=N a list of N micro-batches
         splits = micro if accumulate == 1 else [micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)]
         rng = capture_rng()
         val = None if val_loader is None else _batches.cache(val_loader, val_batches, device, "val_loader")
-        chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, k, max_memory)
-        if chunk < k:
-            notes.append(f"max_memory: {k} candidates need ~{memory['per_candidate'] * k / 2**20:.1f} MiB, "
+        mine = end - first
+        chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, mine, max_memory)
+        if sync is not None:
+            params = sum(p.numel() for g in plan.groups for p in g.params)
+            chunk, more = sync.agree(k, steps, params, _distributed.fingerprint(micro + (val or [])), chunk)
+            notes += more
+        if chunk < mine:
+            notes.append(f"max_memory: {mine} candidates need ~{memory['per_candidate'] * mine / 2**20:.1f} MiB, "
                          f"{memory['budget'] / 2**20:.1f} MiB allowed: run in chunks of {chunk}")  # fmt: skip
         t_setup = time.perf_counter()
-        with _progress_bar(progress, steps * math.ceil(k / chunk)) as bar:
-            lo = 0
-            while lo < k:
-                hi = min(k, lo + chunk)
+        shown = progress and (sync is None or sync.rank == 0)
+        with _progress_bar(shown, steps * math.ceil(mine / chunk)) as bar:
+            lo = first
+            while lo < end:
+                hi = min(end, lo + chunk)
                 snap.unlend()  # the next arena copies the user's weights, not the last chunk's
                 restore_rng(rng)  # every chunk starts from the same RNG state, as a run of its own would
                 started = [0]
                 try:
                     out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
                                      device, smooth, early_stop_threshold, bar, accumulate, val, val_every,
-                                     precision, started)  # fmt: skip
+                                     precision, started, sync if dist_mode == "ddp" else None)  # fmt: skip
                     oom = ""
                 except Exception as e:
                     if not batched.is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
                         raise
                     if hi - lo == 1:
                         raise OutOfMemoryError(_oom_message(e, device, steps, accumulate, memory)) from e
+                    if dist_mode == "ddp":
+                        raise OutOfMemoryError(f"out of memory on {device} with {hi - lo} candidates in one pass: "
+                                               "distributed='ddp' cannot retry with fewer (every rank would have "
+                                               "to); pass max_memory=... to run fewer at a time") from e  # fmt: skip
                     oom = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 if oom:  # outside the except block: the failed chunk's tensors (held by the traceback) are freed
                     new = max(1, (hi - lo) // 2)
                     notes.append(f"out of memory with {hi - lo} candidates in one pass ({oom}): retried in chunks "
                                  f"of {new}")  # fmt: skip
-                    bar.total += steps * (math.ceil((k - lo) / new) - math.ceil((k - lo) / chunk))
+                    bar.total += steps * (math.ceil((end - lo) / new) - math.ceil((end - lo) / chunk))
                     chunk = new
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -159,8 +196,29 @@ def find(
                 notes += [n for n in out["notes"] if n not in notes]
                 lo = hi
         t_steps = time.perf_counter()
+        if dist_mode == "candidates":
+            part = {
+                "rows": (first, end),
+                "losses": losses[first:end],
+                "smoothed": smoothed[first:end],
+                "val": val_losses[first:end],
+                "steps_run": steps_run,
+                "forward": forward,
+                "notes": notes,
+            }
+            forward, notes = [], []
+            for got in sync.gather("gathering the candidates' curves", part):  # rank order: the same on every rank
+                a, b = got["rows"]
+                losses[a:b], smoothed[a:b], val_losses[a:b] = got["losses"], got["smoothed"], got["val"]
+                steps_run = max(steps_run, got["steps_run"])
+                forward += got["forward"]
+                notes += [n for n in got["notes"] if n not in notes]
     finally:
-        snap.restore()
+        try:
+            if sync is not None:
+                sync.close()  # first: a peer still waiting on this rank gets an error now, not after the timeout
+        finally:
+            snap.restore()
 
     info = {
         "strategy": strategy,
@@ -173,6 +231,10 @@ def find(
         "params": sum(p.numel() for g in plan.groups for p in g.params),
         "notes": plan.notes + notes,
     }
+    if sync is not None:
+        info["distributed"] = sync.info()
+        if dist_mode == "candidates":
+            info["distributed"]["shards"] = [list(_distributed.shard(k, sync.world, r)) for r in range(sync.world)]
     if memory:
         info["memory"] = memory
         info["chunk"] = chunk
@@ -183,13 +245,16 @@ def find(
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
-               accumulate, val, val_every, precision, started=None) -> dict:  # fmt: skip
+               accumulate, val, val_every, precision, started=None, sync=None) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
     K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate.
-    `started[0]` counts the steps begun, so that the caller knows whether an error came from the first one."""
+    `started[0]` counts the steps begun, so that the caller knows whether an error came from the first one.
+    `sync` (ddp): the arena and buffers start from rank 0's, grads and losses are averaged every step."""
     c, steps = table.shape
     arena = Arena(plan, c, device)
     snap.lend(arena.segments, device)
+    if sync is not None:
+        sync.broadcast_start(arena, model)
     model.train()
     notes, generic = [], None
     scaler = amp.Scaler(c, device) if precision == "fp16" else None
@@ -218,7 +283,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     if started is not None:
         step = _Counted(step, started)
     steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
-                           val_every=val_every, scaler=scaler)  # fmt: skip
+                           val_every=val_every, scaler=scaler, sync=sync)  # fmt: skip
     if c == 1:
         forward = "module (K=1)"
         if inner.copy_grads:

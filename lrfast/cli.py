@@ -31,6 +31,11 @@ def _range_options(p: argparse.ArgumentParser, min_lr: float, max_lr: float, opt
                    help="sweep: one range test; seeds: K replicas -> median and interval; grid: K fixed LRs "
                    "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", default="auto", choices=["auto", "ddp", "candidates", "off"],
+                   help="under torchrun: ddp (every rank its own batches, grads averaged), candidates (K split over "
+                   "the ranks) or off; auto: ddp when there is more than one rank (default %(default)s)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a rank waits for the others before raising (default %(default)s)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,12 +72,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args.args)
-    if args.command == "demo":
-        model, loader, loss_fn, optimizer, out = *_demo_workload(args), args.out
-    else:
-        model, loader, loss_fn, optimizer = _load_target(args.target)
-        out = args.out
-    return _run(args, model, loader, loss_fn, optimizer or args.optimizer, out)
+    created = _init_torchrun()  # before the target is loaded: its loader may shard by rank (DistributedSampler)
+    try:
+        if args.command == "demo":
+            model, loader, loss_fn, optimizer, out = *_demo_workload(args), args.out
+        else:
+            model, loader, loss_fn, optimizer = _load_target(args.target)
+            out = args.out
+        return _run(args, model, loader, loss_fn, optimizer or args.optimizer, out)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_torchrun() -> bool:
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) with no group yet: join the default group (gloo for CPU
+    tensors, nccl for CUDA ones, each rank on GPU LOCAL_RANK). Returns whether it created the group."""
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group()  # no backend named: cpu -> gloo, cuda -> nccl (torch's default map)
+    return True
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _demo_workload(args):
@@ -116,10 +150,12 @@ def _load_target(target: str):
 
 def _run(args, model, loader, loss_fn, optimizer, out) -> int:
     import lrfast
+    from lrfast.distributed import DistributedError
 
-    if out is not None and not os.path.isdir(out):
+    rank = _rank()  # only rank 0 checks --out, prints and writes (other nodes may not have the folder)
+    if rank == 0 and out is not None and not os.path.isdir(out):
         raise SystemExit(f"lrfast: --out {out!r} is not a folder; create it or pass an existing one")
-    if out is not None and not os.access(out, os.W_OK):
+    if rank == 0 and out is not None and not os.access(out, os.W_OK):
         raise SystemExit(f"lrfast: --out {out!r} is not writable; pass a folder you can write to")
     try:
         result = lrfast.find(
@@ -127,9 +163,12 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
             steps=args.steps, mode=args.mode, smooth=args.smooth,
             early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
             seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
+            distributed=None if args.distributed == "auto" else args.distributed, timeout=args.timeout,
         )  # fmt: skip
-    except (ValueError, TypeError) as e:  # find's checks of its arguments and of the model/loader: clear messages
+    except (ValueError, TypeError, DistributedError) as e:  # find's checks, another rank's failure: clear messages
         raise SystemExit(f"lrfast: {e}") from e
+    if rank != 0:
+        return 0
     t = result.timings
     if result.strategy == "grid":
         print(f"suggested LR (grid: the largest LR scoring within {result.tolerance:g} of the best): "

@@ -49,14 +49,18 @@ class Tracker:
 
 def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
         bar=None, check_every: int = 1, generic: list | None = None, val: list | None = None,
-        val_every: int = 1, scaler=None) -> int:  # fmt: skip
+        val_every: int = 1, scaler=None, sync=None) -> int:  # fmt: skip
     """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
     stopped). lr_table is [S, K] float64 on the device; splits[t] is what `step` takes at step t. `generic`: with
     K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers). `val`: cached
-    validation batches, scored (step.evaluate) after the update of every `val_every`-th step and of the last."""
+    validation batches, scored (step.evaluate) after the update of every `val_every`-th step and of the last.
+    `sync` (distributed.Sync, ddp mode): after each backward, grads and losses are averaged over the ranks, so every
+    rank records the global loss and stops at the same step; validation losses are averaged too."""
     steps = lr_table.shape[0]
     for t in range(steps):
         loss = step(splits[t])
+        if sync is not None:
+            loss = sync.average(arena, loss)
         tracker.record(t, loss)
         if (t + 1) % check_every == 0 or t + 1 == steps:
             if not bool(tracker.alive.any()):
@@ -81,7 +85,10 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
             lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
             arena.update(lr if ok is None else lr * ok, t + 1)
         if val is not None and ((t + 1) % val_every == 0 or t + 1 == steps):
-            tracker.val[:, t] = torch.where(tracker.alive, step.evaluate(val).to(torch.float64), tracker._nan)
+            scores = step.evaluate(val)
+            if sync is not None:
+                scores = sync.mean_(scores, "averaging the validation losses over the ranks")
+            tracker.val[:, t] = torch.where(tracker.alive, scores.to(torch.float64), tracker._nan)
         if bar is not None:
             bar.update(1)
             if t % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps
