@@ -152,7 +152,9 @@ def find(
         chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, mine, max_memory)
         if sync is not None:
             params = sum(p.numel() for g in plan.groups for p in g.params)
-            chunk, more = sync.agree(k, steps, params, _distributed.fingerprint(micro + (val or [])), chunk)
+            # ddp: the first batch tells whether the ranks read shards; candidates: every batch must be the same
+            seen = micro[:1] if dist_mode == "ddp" else micro + (val or [])
+            chunk, more = sync.agree(k, steps, params, _distributed.fingerprint(seen), chunk)
             notes += more
         if chunk < mine:
             notes.append(f"max_memory: {mine} candidates need ~{memory['per_candidate'] * mine / 2**20:.1f} MiB, "

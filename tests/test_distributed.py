@@ -146,10 +146,20 @@ class _FailOn:
         return torch.nn.functional.cross_entropy(out, y)
 
 
-def _scenario_fault(rank, stall, timeout):
-    loss_fn = _FailOn(rank, fail_rank=1, n=6, stall=stall)
-    got = _checked_find(make_mlp(), _shard(make_batches(n=20, batch=32), rank), steps=20, loss_fn=loss_fn,
-                        timeout=timeout, **QUIET)  # fmt: skip
+class _BrokenLoader:
+    def __iter__(self):
+        raise OSError("injected loader failure on rank 1")
+
+
+def _scenario_fault(rank, stall, timeout, mode="ddp", where="step"):
+    loss_fn = _FailOn(rank, fail_rank=1 if where == "step" else -1, n=6, stall=stall)
+    batches = make_batches(n=20, batch=32)
+    loader = _shard(batches, rank) if mode == "ddp" else batches
+    if where == "loader" and rank == 1:
+        loader = _BrokenLoader()
+    kwargs = dict(strategy="grid", lrs=[1e-3, 1e-2]) if mode == "candidates" else {}
+    got = _checked_find(make_mlp(), loader, steps=20, loss_fn=loss_fn, timeout=timeout, distributed=mode, **kwargs,
+                        **QUIET)  # fmt: skip
     return {**got, "default_group_works": _default_group_works()}
 
 
@@ -243,9 +253,17 @@ def test_candidates_mode_splits_k_over_ranks_and_equals_one_process(ranks, strat
     assert got[0]["suggestion"] == pytest.approx(one.suggestion, rel=1e-6)
 
 
-def test_rank_raising_mid_run_makes_every_rank_raise_at_once_and_state_is_restored(ranks):
-    got = ranks.run("_scenario_fault", stall=0.0, timeout=30.0)
-    assert got[1]["error"] == "RuntimeError" and "injected failure on rank 1" in got[1]["message"]
+@pytest.mark.parametrize(
+    "mode,where,error",
+    [
+        ("ddp", "step", "RuntimeError: injected failure on rank 1"),  # rank 0 waits in the step's all-reduce
+        ("ddp", "loader", "OSError: injected loader failure on rank 1"),  # rank 0 waits in the set-up check
+        ("candidates", "step", "RuntimeError: injected failure on rank 1"),  # rank 0 waits in the final gather
+    ],
+)
+def test_rank_raising_makes_every_rank_raise_at_once_and_state_is_restored(ranks, mode, where, error):
+    got = ranks.run("_scenario_fault", stall=0.0, timeout=30.0, mode=mode, where=where)
+    assert f"{got[1]['error']}: {got[1]['message']}" == error  # the rank that raised: its own error
     assert got[0]["error"] == "DistributedError" and "rank 0 of 2" in got[0]["message"]
     assert "Another rank most likely raised" in got[0]["message"]
     assert got[0]["seconds"] < 5.0  # the failing rank closed lrfast's group: no wait for the 30 s timeout
