@@ -121,8 +121,10 @@ def _default_group_works() -> bool:
 # ---- scenarios: run on both ranks ----
 
 
-def _scenario_ddp(rank, steps, kwargs):
-    model, batches = make_mlp(), make_batches(n=steps, batch=32)
+def _scenario_ddp(rank, steps, kwargs, seed_by_rank=False):
+    # seed_by_rank: rank 1's model is initialized differently; the run starts from rank 0's weights, and rank 1's
+    # model is left as it was (checked by _checked_find)
+    model, batches = make_mlp(seed=rank if seed_by_rank else 0), make_batches(n=steps, batch=32)
     val = _shard(make_batches(n=2, batch=32, seed=7), rank) if "val_every" in kwargs else None
     return _checked_find(model, _shard(batches, rank), steps=steps, val_loader=val, **kwargs, **QUIET)
 
@@ -205,18 +207,19 @@ def _scenario_ddp_wrapped(rank):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs,seed_by_rank",
     [
-        dict(optimizer="adamw"),
-        dict(optimizer="sgd", strategy="grid", lrs=[1e-2, 1e-1, 1.0], val_every=4),
-        dict(optimizer="adam", accumulate=2, early_stop_threshold=1.5, max_lr=100.0),
+        (dict(optimizer="adamw"), False),
+        (dict(optimizer="adamw"), True),
+        (dict(optimizer="sgd", strategy="grid", lrs=[1e-2, 1e-1, 1.0], val_every=4), False),
+        (dict(optimizer="adam", accumulate=2, early_stop_threshold=1.5, max_lr=100.0), False),
     ],
-    ids=["adamw-sweep", "sgd-grid-val", "adam-accumulate-early-stop"],
+    ids=["adamw-sweep", "adamw-sweep-ranks-initialized-differently", "sgd-grid-val", "adam-accumulate-early-stop"],
 )
-def test_ddp_two_ranks_of_batch_b_equal_one_process_of_batch_2b(ranks, kwargs):
+def test_ddp_two_ranks_of_batch_b_equal_one_process_of_batch_2b(ranks, kwargs, seed_by_rank):
     steps = 16
     accumulate = kwargs.get("accumulate", 1)
-    got = ranks.run("_scenario_ddp", steps=steps * accumulate, kwargs=kwargs)
+    got = ranks.run("_scenario_ddp", steps=steps * accumulate, kwargs=kwargs, seed_by_rank=seed_by_rank)
     model, batches = make_mlp(), make_batches(n=steps * accumulate, batch=32)
     val = make_batches(n=2, batch=32, seed=7) if "val_every" in kwargs else None
     one = lrfast.find(model, batches, steps=steps * accumulate, val_loader=val, **kwargs, **QUIET)
