@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import lrfast
-from benchmarks.compare import Settings, fresh, run_torch_lr_finder
+from benchmarks.contestants import Settings, fresh, run_torch_lr_finder
 from lrfast.data import digits, lenet5, mlp
 
 OUT = Path(__file__).parent / "results" / "cpu"

@@ -1,75 +1,91 @@
 """Render README's performance section from the committed CSVs under benchmarks/results/<device>/ (never typed by
-hand): `python -m benchmarks.readme` rewrites the text between the perf markers in README.md."""
+hand): `python -m benchmarks.readme` rewrites the text between the perf markers in README.md; `--print` only
+prints the section."""
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
+from benchmarks.report import num, read_csv
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("bare", "torch_lr_finder", "lightning")
-KERNELS = ("lrfast_cpp", "torch_fused", "torch_fused_adamw_direct")
 START, END = "<!-- perf:start (python -m benchmarks.readme) -->", "<!-- perf:end -->"
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _link(path: Path) -> str:
+    rel = path.relative_to(ROOT).as_posix()
+    return f"[{rel}]({rel})"
 
 
-def _num(x: str, fmt: str) -> str:
-    try:
-        return format(float(x), fmt)
-    except ValueError:
-        return x or "-"
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _compare(path: Path) -> list[str]:
+    rows = read_csv(path)
+    r0 = rows[0]
+    steps = {}
+    for r in rows:
+        steps.setdefault(r["workload"], f"{r['workload']} {r['steps']} steps x batch {r['batch_size']} "
+                                        f"({r['optimizer']}, {r['precision']})")  # fmt: skip
+    out = [f"Range test, lrfast vs peers: {r0['device']}, {r0['cores']} cores, {r0['threads']} threads, torch "
+           f"{r0['torch']}, commit {r0['commit']}, {r0['date']}; {'; '.join(steps.values())} ({_link(path)}):", ""]
+    cells = [[r["workload"], r["contestant"], r["k"], num(r["ms_per_step_warm"], ".3f"),
+              num(r["ms_per_step_steady"], ".3f"), num(r["wall_s_first"], ".3f"),
+              *(num(r[f"speedup_vs_{p}"], ".2f") for p in PEERS), r["note"]] for r in rows]  # fmt: skip
+    head = ["workload", "contestant", "K", "ms/step warm", "ms/step steady", "first call s", "speedup vs bare loop",
+            "vs torch-lr-finder", "vs Lightning", "note"]  # fmt: skip
+    if any(r["compile_s"] or r["capture_s"] or r["cuda_max_alloc_mb"] for r in rows):
+        head[6:6] = ["compile s", "capture s", "CUDA max MB"]
+        for c, r in zip(cells, rows):
+            c[6:6] = [num(r["compile_s"], ".2f"), num(r["capture_s"], ".2f"), num(r["cuda_max_alloc_mb"], ".0f")]
+    return [*out, *_table(head, cells), ""]
+
+
+def _candidates(path: Path) -> list[str]:
+    rows = read_csv(path)
+    r0 = rows[0]
+    cols = ("ms_per_step_one_pass", "ms_per_step_sequential", "speedup_vs_sequential")
+    return [f"K candidates in one pass vs K sequential K = 1 runs: {r0['device']}, {r0['cores']} cores, torch "
+            f"{r0['torch']}, commit {r0['commit']}, {r0['date']} ({_link(path)}):", "",
+            *_table(["workload", "K", "forward", "ms/step one pass", "ms/step sequential", "speedup"],
+                    [[r["workload"], r["k"], r["forward"], *(num(r[c], ".2f") for c in cols)] for r in rows]),
+            ""]  # fmt: skip
+
+
+def _kernels(path: Path) -> list[str]:
+    rows = [r for r in read_csv(path) if r["us_best"]]
+    r0 = rows[0]
+    return [f"AdamW optimizer step (28 B/param): {r0['device']}, {r0['threads']} threads, torch {r0['torch']}, "
+            f"triton {r0['triton'] or '-'}, commit {r0['commit']}, {r0['date']} ({_link(path)}):", "",
+            *_table(["kernel", "params", "K", "µs best", "GB/s", "of copy", "vs torch fused"],
+                    [[r["kernel"], f"{int(r['params']):,}", r["k"], num(r["us_best"], ".1f"), num(r["gbps"], ".1f"),
+                      num(r["fraction_of_copy"], ".2f"), num(r["speedup_vs_torch_fused"], ".2f")] for r in rows]),
+            ""]  # fmt: skip
 
 
 def section(results: Path = ROOT / "benchmarks" / "results") -> str:
     out = []
-    for device_dir in sorted(p for p in results.iterdir() if p.is_dir()):
-        compare, kernels = device_dir / "compare.csv", device_dir / "kernels.csv"
-        candidates = device_dir / "candidates.csv"
-        if compare.exists():
-            rows = _rows(compare)
-            r0 = rows[0]
-            out += [f"Range test, {r0['steps']} steps, batch {r0['batch_size']}, Adam; {r0['device']}, {r0['cores']} "
-                    f"cores, torch {r0['torch']}, commit {r0['commit']}, {r0['date']} "
-                    f"([{compare.relative_to(ROOT)}]({compare.relative_to(ROOT)})):", "",
-                    "| workload | contestant | ms/step warm | first call s | speedup vs bare loop | vs torch-lr-finder "
-                    "| vs Lightning |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-            for r in rows:
-                cells = [r["workload"], r["contestant"]]
-                cells += [_num(r["ms_per_step_warm"], ".3f"), _num(r["wall_s_first"], ".3f")]
-                cells += [_num(r[f"speedup_vs_{p}"], ".2f") for p in PEERS]
-                out.append("| " + " | ".join(cells) + " |")
-            out.append("")
-        if candidates.exists():
-            rows = _rows(candidates)
-            out += [f"K candidates in one pass vs K sequential K = 1 runs, {rows[0]['cores']} cores, torch "
-                    f"{rows[0]['torch']}, commit {rows[0]['commit']} "
-                    f"([{candidates.relative_to(ROOT)}]({candidates.relative_to(ROOT)})):", "",
-                    "| workload | K | forward | ms/step one pass | ms/step sequential | speedup |",
-                    "|---|---:|---|---:|---:|---:|"]  # fmt: skip
-            for r in rows:
-                cells = [r["workload"], r["k"], r["forward"]]
-                cells += [_num(r[c], ".2f") for c in ("ms_per_step_one_pass", "ms_per_step_sequential",
-                                                      "speedup_vs_sequential")]  # fmt: skip
-                out.append("| " + " | ".join(cells) + " |")
-            out.append("")
-        if kernels.exists():
-            rows = [r for r in _rows(kernels) if r["kernel"] in KERNELS]
-            r0 = rows[0]
-            out += [f"AdamW optimizer step, {r0['device']}, {r0['threads']} threads, torch {r0['torch']}, commit "
-                    f"{r0['commit']} ([{kernels.relative_to(ROOT)}]({kernels.relative_to(ROOT)})):", "",
-                    "| kernel | params | K | µs best | GB/s |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-            for r in rows:
-                out.append(f"| {r['kernel']} | {int(r['params']):,} | {r['k']} | {r['us_best']} | {r['gbps']} |")
-            out.append("")
+    devices = sorted(p for p in results.iterdir() if p.is_dir())
+    for device_dir in devices:
+        out += [f"#### {device_dir.name.upper()}", ""]
+        for name, render in (("compare", _compare), ("candidates", _candidates), ("kernels", _kernels)):
+            if (device_dir / f"{name}.csv").exists():
+                out += render(device_dir / f"{name}.csv")
+    if not (results / "cuda").is_dir():
+        out += ["#### CUDA", "", "GPU results pending: no GPU run committed yet (`python -m benchmarks.compare "
+                "--device cuda`, `python -m benchmarks.bench_kernels --device cuda`, then `python -m "
+                "benchmarks.readme`).", ""]  # fmt: skip
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print" in argv:
+        print(section())
+        return 0
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:

@@ -1,9 +1,12 @@
-"""Smoke test of the side-by-side benchmark: a --quick run writes a CSV with a row per contestant and the markdown
-made from it, and leaves nothing behind in the working directory (Lightning's .lr_find_*.ckpt included)."""
+"""Smoke tests of the benchmark suite (not of speed): --quick runs of the side-by-side comparison over every workload
+(the GPU-only GPT-2-shaped one too, tiny, bf16 autocast on CPU), the K-candidate rows and the kernel benchmark write
+valid CSV (the columns, a row per workload and contestant, numbers that parse) and the markdown and PNG made from
+it, and leave nothing behind in the working directory (Lightning's .lr_find_*.ckpt included)."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 import tempfile
@@ -14,39 +17,97 @@ import pytest
 pytest.importorskip("sklearn", reason="the benchmark's digits workloads need scikit-learn")
 
 try:
-    from benchmarks import compare
+    from benchmarks import bench_kernels, compare, contestants
 except ImportError:  # pytest run from elsewhere: the repo root holds benchmarks/
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from benchmarks import compare
+    from benchmarks import bench_kernels, compare, contestants
+
+NUMBERS = ("wall_s_warm_best", "ms_per_step_warm", "ms_per_step_steady", "params")
 
 
-def test_quick_run_writes_a_row_per_contestant_and_leaves_the_cwd_clean(tmp_path, monkeypatch):
-    out, scratch = tmp_path / "out", tmp_path / "scratch"
+def _read(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """Lightning's checkpoint scratch directory and matplotlib's config go under tmp_path; yields the scratch."""
+    scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # Lightning's checkpoint scratch directory goes here
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))  # torch-lr-finder imports pyplot
     before = set(os.listdir(os.getcwd()))
-
-    assert compare.main(["--quick", "--workloads", "mlp", "--out", out]) == 0
-
-    with open(out / "compare.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == compare.COLUMNS
-    assert [r["contestant"] for r in rows] == list(compare.CONTESTANTS)
-    for r in rows:
-        assert r["workload"] == "mlp" and r["steps"] == "20" and r["torch"]
-        if compare.missing(r["contestant"]):  # an optional peer (or lrfast mid-edit) not importable here
-            assert r["note"].startswith("not available"), r
-            continue
-        assert r["note"] == "", r
-        assert int(r["steps_run"]) == 20 and int(r["k"]) == 1
-        assert float(r["wall_s_warm_best"]) > 0 and float(r["ms_per_step_warm"]) > 0
-        assert float(r["speedup_vs_bare"]) > 0
-        assert r["wall_s_first"] == ""  # --quick makes no fresh-process call
-    md = (out / "compare.md").read_text()
-    assert "| mlp | bare |" in md and "Reproduce" in md
-
+    yield scratch
     assert set(os.listdir(os.getcwd())) == before
     assert not list(Path.cwd().glob(".lr_find_*.ckpt"))
     assert not list(scratch.glob("lrfast-bench-*")) and not list(scratch.rglob("*.ckpt"))  # scratch dirs removed
+
+
+def _check_rows(rows: list[dict], workloads: list[str], names: list[str], steps: int = 20) -> None:
+    assert [(r["workload"], r["contestant"]) for r in rows] == [(w, c) for w in workloads for c in names]
+    for r in rows:
+        assert r["steps"] == str(steps) and r["torch"] and r["device"] and int(r["cores"]) >= 1
+        if contestants.missing(r["contestant"]):  # an optional peer (or lrfast mid-edit) not importable here
+            assert r["note"].startswith("not available"), r
+            continue
+        assert r["note"] == "", r
+        assert int(r["steps_run"]) == steps and int(r["k"]) == (16 if r["contestant"] == "lrfast_k16" else 1)
+        for col in NUMBERS + (("speedup_vs_bare",) if "bare" in names else ()):
+            assert math.isfinite(float(r[col])) and float(r[col]) > 0, (col, r)
+        assert r["wall_s_first"] == "" and r["cuda_max_alloc_mb"] == ""  # --quick: no fresh process; CPU
+
+
+def test_quick_run_writes_a_row_per_contestant_and_leaves_the_cwd_clean(tmp_path, scratch):
+    out = tmp_path / "out"
+    assert compare.main(["--quick", "--workloads", "mlp", "--out", out]) == 0
+
+    columns, rows = _read(out / "compare.csv")
+    assert columns == compare.COLUMNS
+    _check_rows(rows, ["mlp"], list(compare.DEFAULT_CONTESTANTS["cpu"]))
+    md = (out / "compare.md").read_text()
+    assert "| mlp | bare |" in md and "Reproduce" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_covers_the_new_workloads_with_bf16_and_k_candidate_rows(tmp_path, scratch):
+    out = tmp_path / "out"
+    names = ["lrfast", "torch_lr_finder", "lightning", "bare"]
+    assert compare.main(["--quick", "--workloads", "resnet18,chargpt,gpt2", "--contestants", ",".join(names),
+                         "--out", out]) == 0  # fmt: skip
+    columns, rows = _read(out / "compare.csv")
+    assert columns == compare.COLUMNS
+    _check_rows(rows, ["resnet18", "chargpt", "gpt2"], names)
+    assert {r["workload"]: r["precision"] for r in rows} == {"resnet18": "fp32", "chargpt": "fp32", "gpt2": "bf16"}
+    bare_gpt2 = next(r for r in rows if r["workload"] == "gpt2" and r["contestant"] == "bare")
+    assert bare_gpt2["optimizer"] == "adamw" and bare_gpt2["impl"] == "torch.optim.AdamW default"
+
+    k_out = tmp_path / "k"
+    assert compare.main(["--quick", "--workloads", "chargpt", "--contestants", "lrfast,lrfast_k16", "--out",
+                         k_out]) == 0  # fmt: skip
+    _, k_rows = _read(k_out / "compare.csv")
+    _check_rows(k_rows, ["chargpt"], ["lrfast", "lrfast_k16"])
+    assert float(k_rows[1]["wall_vs_lrfast_k1"]) > 0 and k_rows[0]["wall_vs_lrfast_k1"] == ""
+
+
+def test_cuda_is_refused_cleanly_without_a_gpu(tmp_path):
+    if compare.torch.cuda.is_available():
+        pytest.skip("a GPU is here: --device cuda would run")
+    assert compare.main(["--device", "cuda", "--quick", "--out", tmp_path]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_kernels_quick_run_writes_gbps_and_fraction_of_copy(tmp_path):
+    assert bench_kernels.main(["--quick", "--out", tmp_path]) == 0
+    columns, rows = _read(tmp_path / "kernels.csv")
+    assert columns == bench_kernels.COLUMNS
+    assert [(int(r["params"]), int(r["k"])) for r in rows[:: len(bench_kernels.KERNELS)]] == bench_kernels.QUICK_CASES
+    for r in rows:
+        if r["note"]:  # the Triton kernel on CPU, the C++ one without lrfast._C
+            assert r["us_best"] == "" and r["kernel"] in ("lrfast_triton", "lrfast_cpp"), r
+            continue
+        assert float(r["us_best"]) > 0 and float(r["gbps"]) > 0 and float(r["fraction_of_copy"]) > 0
+    assert next(r for r in rows if r["kernel"] == "copy")["fraction_of_copy"] == "1"
+    assert "| copy | 10,000 | 1 |" in (tmp_path / "kernels.md").read_text()
+    assert (tmp_path / "kernels.png").stat().st_size > 0
