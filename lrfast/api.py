@@ -15,10 +15,10 @@ from lrfast import batches as _batches
 from lrfast import distributed as _distributed
 from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
-from lrfast.engine import amp, batched, runner
+from lrfast.engine import amp, batched, graphed, runner
 from lrfast.engine.arena import Arena
 from lrfast.engine.step import Accumulate, ModuleStep
-from lrfast.kernels import cpu as cpu_kernels
+from lrfast.engine.tracker import Tracker
 from lrfast.result import LRFindResult
 from lrfast.state import Snapshot, capture_rng, restore_rng, seed_all
 
@@ -52,6 +52,8 @@ def find(
     precision: str = "fp32",
     distributed: str | None = None,
     timeout: float = 300.0,
+    compile: bool | None = None,
+    graphs: bool | None = None,
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -101,6 +103,14 @@ def find(
     with fewer candidates (every rank would have to): pass max_memory. result.info["distributed"] says the mode,
     world size and rank.
 
+    `compile` (default: True on CUDA): torch.compile the forward + backward (a compile that fails falls back to eager,
+    said in result.info["notes"]). `graphs` (default: True on CUDA; needs CUDA and Triton): the whole step of all K
+    candidates (forward + backward, fused Triton optimizer kernel reading the LR table at a device step counter, loss
+    bookkeeping) is captured once in a CUDA graph and replayed; the host reads the alive mask every 10 steps without
+    blocking. Where capture can't serve (a host sync in the model, a torch.optim-only optimizer, batches of different
+    shapes), the run is eager, and result.info["notes"] says why. result.timings holds compile and capture apart from
+    the steady-state "steps".
+
     The model's parameters, grads, buffers, training flags, the optimizer and the torch / numpy / python RNG states
     are bitwise unchanged afterwards, also after an exception or Ctrl-C. No file is written."""
     t0 = time.perf_counter()
@@ -117,6 +127,7 @@ def find(
         raise ValueError(f"max_memory={max_memory!r} must be a positive number of bytes, or None for a safe "
                          "fraction of the free memory; e.g. max_memory=2**30")  # fmt: skip
     device = _resolve_device(model, device)
+    compile, graphs = _check_engine(compile, graphs, device)
     dist_mode = _distributed.resolve(distributed, timeout)
     first, end = 0, k  # the candidates this rank runs
     if dist_mode != "off":
@@ -136,7 +147,7 @@ def find(
     orders = strategies.orders(strategy, k, steps, seed)
 
     snap = Snapshot(model)
-    notes, forward = [], []
+    notes, forward, engine, engine_time = [], [], [], {}
     losses, smoothed, val_losses = (np.full((k, steps), np.nan) for _ in range(3))
     steps_run, sync = 0, None
     try:
@@ -171,7 +182,8 @@ def find(
                 try:
                     out = _run_chunk(model, plan, snap, splits, table[lo:hi], orders[lo:hi], strategy, loss_fn,
                                      device, smooth, early_stop_threshold, bar, accumulate, val, val_every,
-                                     precision, started, sync if dist_mode == "ddp" else None)  # fmt: skip
+                                     precision, started, sync if dist_mode == "ddp" else None, compile,
+                                     graphs)  # fmt: skip
                     oom = ""
                 except Exception as e:
                     if not batched.is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
@@ -195,6 +207,9 @@ def find(
                 losses[lo:hi], smoothed[lo:hi], val_losses[lo:hi] = out["losses"], out["smoothed"], out["val"]
                 steps_run = max(steps_run, out["steps_run"])
                 forward.append(out["forward"])
+                engine.append(out)
+                for key, value in out["timings"].items():
+                    engine_time[key] = engine_time.get(key, 0.0) + value
                 notes += [n for n in out["notes"] if n not in notes]
                 lo = hi
         t_steps = time.perf_counter()
@@ -227,7 +242,9 @@ def find(
         "candidates": k,
         "device": str(device),
         "optimizer": plan.optimizer_class,
-        "optimizer_path": "generic torch.optim" if plan.kind == "generic" else f"fused {cpu_kernels.BACKEND}",
+        "optimizer_path": "generic torch.optim" if plan.kind == "generic" else f"fused {engine[0]['backend']}",
+        "compile": all(e["compiled"] for e in engine),
+        "graphs": all(e["graphs"] for e in engine),
         "forward": forward[0] if len(set(forward)) == 1 else "; ".join(dict.fromkeys(forward)),
         "loss": out["loss"],
         "params": sum(p.numel() for g in plan.groups for p in g.params),
@@ -240,52 +257,87 @@ def find(
     if memory:
         info["memory"] = memory
         info["chunk"] = chunk
-    timings = {"setup": t_setup - t0, "steps": t_steps - t_setup, "total": time.perf_counter() - t0}
+    timings = {"setup": t_setup - t0, **engine_time}  # compile / capture apart from the steps, where they ran
+    if "steps" not in engine_time:
+        timings["steps"] = t_steps - t_setup
+    timings["total"] = time.perf_counter() - t0
     return LRFindResult(table, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info,
                         strategy=strategy, tolerance=float(tolerance),
                         val_losses=val_losses if val_loader is not None else None, on=on)  # fmt: skip
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,
-               accumulate, val, val_every, precision, started=None, sync=None) -> dict:  # fmt: skip
+               accumulate, val, val_every, precision, started=None, sync=None, compile=False,
+               graphs=False) -> dict:  # fmt: skip
     """One pass over `steps` steps for the candidates of `table` [c, S]: K = 1 on the model itself (ModuleStep),
     K > 1 batched; with accumulate = N, splits[t] is a list of N micro-batches, averaged by Accumulate.
     `started[0]` counts the steps begun, so that the caller knows whether an error came from the first one.
-    `sync` (ddp): the arena and buffers start from rank 0's, grads and losses are averaged every step."""
+    `sync` (ddp): the arena and buffers start from rank 0's, grads and losses are averaged every step.
+    `compile` / `graphs`: the step runs through engine/graphed.py (torch.compile, CUDA graph capture and replay)
+    where it can; where it cannot, eagerly through engine/runner.py, with the reason in the notes."""
     c, steps = table.shape
     arena = Arena(plan, c, device)
     snap.lend(arena.segments, device)
     if sync is not None:
         sync.broadcast_start(arena, model)
     model.train()
-    notes, generic = [], None
+    notes, generic, built = [], None, []
     scaler = amp.Scaler(c, device) if precision == "fp16" else None
+    shared = c == 1 or strategy != "seeds"
+    flat = splits if accumulate == 1 else [s for group in splits for s in group]
+    why_loop = "" if shared else batched.stackable(flat)
+
+    def make_step(compiled: bool):
+        if c == 1:
+            inner = ModuleStep(model, arena, loss_fn, precision, scaler, compile=compiled)
+        else:
+            inner = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
+                                        why_loop=why_loop, precision=precision, scaler=scaler,
+                                        compile=compiled)  # fmt: skip
+        built.append(inner)
+        step = Accumulate(inner, arena) if accumulate > 1 else inner
+        return step if started is None else _Counted(step, started)
+
     if c == 1:
-        step = ModuleStep(model, arena, loss_fn, precision, scaler)
-        inputs = [splits[i] for i in orders[0]]
-    else:
-        shared = strategy != "seeds"
-        flat = splits if accumulate == 1 else [s for group in splits for s in group]
-        why = "" if shared else batched.stackable(flat)
-        step = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
-                                   why_loop=why, precision=precision, scaler=scaler)  # fmt: skip
-        if shared:
-            inputs = splits
-        elif accumulate == 1:
-            inputs = [[splits[i] for i in orders[:, t]] for t in range(steps)]
-        else:  # micro-batch i of step t: one per candidate, from that candidate's batch order
-            inputs = [[[splits[i][m] for i in orders[:, t]] for m in range(accumulate)] for t in range(steps)]
-        if plan.kind == "generic":
-            generic = batched.candidate_optimizers(plan, arena)
-    inner = step
-    if accumulate > 1:
-        step = Accumulate(step, arena)
-    tracker = runner.Tracker(c, steps, smooth, threshold, device)
+        inputs, index = [splits[i] for i in orders[0]], orders[0]
+    elif shared:
+        inputs, index = splits, np.arange(steps)
+    elif accumulate == 1:
+        inputs, index = [[splits[i] for i in orders[:, t]] for t in range(steps)], orders.T
+    else:  # micro-batch i of step t: one per candidate, from that candidate's batch order
+        inputs, index = [[[splits[i][m] for i in orders[:, t]] for m in range(accumulate)] for t in range(steps)], None
+    tracker = Tracker(c, steps, smooth, threshold, device)
     lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()  # [S, K]: row t contiguous
-    if started is not None:
-        step = _Counted(step, started)
-    steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
-                           val_every=val_every, scaler=scaler, sync=sync)  # fmt: skip
+    static, timings = None, {}
+    if compile or graphs:
+        why = _why_eager(plan, index, why_loop)
+        if not why:
+            try:
+                static = graphed.StaticInputs(splits, torch.tensor(np.ascontiguousarray(index), device=device))
+            except graphed.NotStatic as e:
+                why = f"the batches cannot be replayed: {e}"
+        if why:
+            notes.append(f"compile and CUDA graphs off, eager steps: {why}")
+        elif graphs and (why := graphed.why_not_graphs(device, arena, plan.kind)):
+            notes.append(f"CUDA graphs off: {why}")
+            graphs = False
+    if static is not None:
+        def buffers(step):  # noqa: E306 - the mutable non-arena tensors of the step last built
+            return list(model.buffers()) if c == 1 else list(built[-1].buffers.values())
+
+        out = graphed.run(make_step, compile, arena, static, lr_table, tracker, graphs=graphs, buffers=buffers,
+                          bar=bar, check_every=10 if device.type == "cuda" else 1, val=val, val_every=val_every,
+                          scaler=scaler, sync=sync)  # fmt: skip
+        steps_run, timings, compiled, graphed_ = out["steps_run"], out["timings"], out["compiled"], out["graphs"]
+        notes += out["notes"]
+    else:
+        step = make_step(False)
+        if plan.kind == "generic" and c > 1:
+            generic = batched.candidate_optimizers(plan, arena)
+        steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
+                               val_every=val_every, scaler=scaler, sync=sync)  # fmt: skip
+        compiled = graphed_ = False
+    inner = built[-1]
     if c == 1:
         forward = "module (K=1)"
         if inner.copy_grads:
@@ -296,11 +348,25 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
         forward += f", {accumulate} micro-batches per step"
     if precision != "fp32":
         forward += f", {precision} autocast"
+    if compiled:
+        forward += ", torch.compile"
+    if graphed_:
+        forward += ", CUDA graph"
     if scaler is not None and bool(scaler.skipped.any()):
         notes.append(f"fp16: steps skipped on overflow per candidate: {scaler.skipped.tolist()}")
     return {"losses": tracker.losses.cpu().numpy(), "smoothed": tracker.smoothed.cpu().numpy(),
-            "val": tracker.val.cpu().numpy(),
-            "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc, "notes": notes}  # fmt: skip
+            "val": tracker.val.cpu().numpy(), "steps_run": steps_run, "forward": forward, "loss": inner.loss_desc,
+            "notes": notes, "timings": timings, "compiled": compiled, "graphs": graphed_,
+            "backend": "torch.optim" if plan.kind == "generic" else arena.backend}  # fmt: skip
+
+
+def _why_eager(plan, index, why_loop: str) -> str:
+    """Why the step cannot run through engine/graphed.py ('' when it can)."""
+    if plan.kind == "generic":
+        return f"{plan.optimizer_class} runs through torch.optim (its step reads LRs on the host)"
+    if index is None:
+        return "seeds with accumulate > 1 give every candidate its own micro-batches"
+    return why_loop
 
 
 class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
@@ -345,6 +411,18 @@ def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int
                          f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
                          "memory")  # fmt: skip
     return int(fit), {**parts, "per_candidate": per, "budget": budget}
+
+
+def _check_engine(compile, graphs, device: torch.device) -> tuple[bool, bool]:
+    """compile / graphs resolved: None -> on for CUDA, off elsewhere."""
+    for name, value in (("compile", compile), ("graphs", graphs)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be True, False or None (None: on for CUDA, off elsewhere)")
+    if graphs and device.type != "cuda":
+        raise ValueError(f"graphs=True needs a CUDA device (the model is on {device}); pass graphs=None or False, "
+                         "or move the model to a GPU")  # fmt: skip
+    cuda = device.type == "cuda"
+    return (cuda if compile is None else compile), (cuda if graphs is None else graphs)
 
 
 def _check_val(val_loader, val_batches, val_every, on) -> None:

@@ -29,6 +29,9 @@ BATCHES = make_batches()
 CASES = {
     # name: (model factory, loader, kwargs, exception, words the message must contain)
     "empty_loader": (make_mlp, [], {}, ValueError, ["loader", "empty"]),
+    "graphs_on_cpu": (make_mlp, BATCHES, {"graphs": True}, ValueError, ["graphs=True", "CUDA", "graphs=None"]),
+    "compile_not_bool": (make_mlp, BATCHES, {"compile": "yes"}, TypeError, ["compile='yes'", "True, False or None"]),
+    "graphs_not_bool": (make_mlp, BATCHES, {"graphs": 1}, TypeError, ["graphs=1", "True, False or None"]),
     "loader_not_iterable": (make_mlp, 42, {}, TypeError, ["loader", "DataLoader"]),
     "min_lr_zero": (make_mlp, BATCHES, {"min_lr": 0.0}, ValueError, ["min_lr=0.0", "> 0"]),
     "min_lr_negative": (make_mlp, BATCHES, {"min_lr": -1e-3}, ValueError, ["min_lr", "> 0"]),

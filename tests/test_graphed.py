@@ -38,7 +38,7 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
         arena = Arena(plan, k, device)
         snap.lend(arena.segments, device)
         model.train()
-        tracker = (Tracker if engine == "graphed" else runner.Tracker)(k, steps, 0.98, threshold, device)
+        tracker = Tracker(k, steps, 0.98, threshold, device)
         lr_table = torch.tensor(table.T, dtype=torch.float64, device=device).contiguous()
 
         def build(compiled: bool):
@@ -197,3 +197,94 @@ def test_cuda_graph_stops_when_every_candidate_diverged():
     gpu = torch.device("cuda")
     got = _run("graphed", 3, "sweep", optimizer="sgd", threshold=2.0, steps=60, max_lr=1e3, device=gpu, graphs=True)
     assert got[3]["graphs"] is True and got[2] < 60 and got[3]["steps_replayed"] < 60
+
+
+# ---- through lrfast.find ----
+
+
+def test_find_with_compile_on_cpu_runs_the_device_counter_engine_and_equals_eager(monkeypatch):
+    """compile=True on CPU goes through graphed.run (warm-up, reset, device counter); with torch.compile replaced
+    by the identity the curves equal the default eager path bitwise, and the timings split compile from steps."""
+    import lrfast
+
+    model, data = make_mlp(batchnorm=True, dropout=0.1), make_batches(n=5)
+    want = lrfast.find(model, data, steps=15, progress=False, candidates=3, strategy="seeds")
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    got = lrfast.find(model, data, steps=15, progress=False, candidates=3, strategy="seeds", compile=True)
+    np.testing.assert_array_equal(got.losses, want.losses)
+    assert got.info["compile"] is True and got.info["graphs"] is False
+    assert {"compile", "steps", "setup", "total"} <= set(got.timings) and "compile" not in want.timings
+
+
+def test_find_says_why_compile_is_off_for_a_generic_optimizer(monkeypatch):
+    import lrfast
+
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    res = lrfast.find(make_mlp(), make_batches(), optimizer=lambda p: torch.optim.RMSprop(p, lr=1.0), steps=5,
+                      progress=False, compile=True)  # fmt: skip
+    assert res.info["compile"] is False
+    assert any("torch.optim" in n for n in res.info["notes"])
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_find_k1_curve_equals_a_plain_eager_gpu_loop(compile):
+    import lrfast
+
+    gpu = torch.device("cuda")
+    model, data = make_mlp().to(gpu), [(x.to(gpu), y.to(gpu)) for x, y in make_batches(n=5)]
+    reference = [p.detach().clone() for p in model.parameters()]
+    res = lrfast.find(model, data, optimizer="adamw", min_lr=1e-4, max_lr=3e-2, steps=30, early_stop_threshold=None,
+                      progress=False, compile=compile)  # fmt: skip
+    assert res.info["graphs"] is True and res.info["compile"] is compile, res.info["notes"]
+    assert res.info["optimizer_path"] == "fused triton"
+    plain = make_mlp().to(gpu)
+    with torch.no_grad():
+        for p, r in zip(plain.parameters(), reference):
+            p.copy_(r)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1.0, foreach=False)
+    expected = []
+    for t, lr in enumerate(res.lrs[0]):
+        x, y = data[t % len(data)]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(plain(x), y)
+        loss.backward()
+        opt.param_groups[0]["lr"] = float(lr)
+        opt.step()
+        expected.append(loss.item())
+    np.testing.assert_allclose(res.losses[0], expected, rtol=1e-4, atol=1e-5)
+    assert {"capture", "steps"} <= set(res.timings)
+
+
+@cuda
+def test_cuda_find_bf16_and_k16_grid_run_captured():
+    import lrfast
+
+    gpu = torch.device("cuda")
+    model, data = make_mlp().to(gpu), [(x.to(gpu), y.to(gpu)) for x, y in make_batches(n=5)]
+    res = lrfast.find(model, data, strategy="grid", candidates=16, min_lr=1e-4, max_lr=1e-1, steps=20,
+                      precision="bf16", progress=False)  # fmt: skip
+    assert res.info["graphs"] is True, res.info["notes"]
+    assert np.isfinite(res.losses[:, 0]).all() and res.suggestion is not None
+
+
+@cuda
+def test_cuda_find_falls_back_to_eager_when_the_model_syncs_with_the_host():
+    import lrfast
+
+    class Syncing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x):
+            if float(x.abs().sum()) < 0:  # a host read: cannot be captured
+                x = -x
+            return self.net(x)
+
+    gpu = torch.device("cuda")
+    model, data = Syncing().to(gpu), [(x.to(gpu), y.to(gpu)) for x, y in make_batches(n=5)]
+    res = lrfast.find(model, data, steps=10, progress=False, compile=False)
+    assert res.info["graphs"] is False
+    assert any("capture failed" in n for n in res.info["notes"])
+    assert np.isfinite(res.losses[0]).all()

@@ -4,47 +4,11 @@ smoothed loss, best loss and alive mask are kept on the device; the host reads t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lrfast import optimizers
 from lrfast.engine.arena import Arena
-
-
-class Tracker:
-    """Debiased EMA of the loss (fastai / Lightning): avg = b*avg + (1-b)*loss, smoothed = avg / (1 - b^n).
-    A candidate stops at the step where its smoothed loss exceeds threshold x its best smoothed loss, or is not
-    finite; that step is recorded, later ones are NaN."""
-
-    def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device):
-        f64 = dict(dtype=torch.float64, device=device)
-        self.losses = torch.full((k, steps), math.nan, **f64)
-        self.smoothed = torch.full((k, steps), math.nan, **f64)
-        self.avg = torch.zeros(k, **f64)
-        self.best = torch.full((k,), math.inf, **f64)
-        self.alive = torch.ones(k, dtype=torch.bool, device=device)
-        self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
-        self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
-        self.val = torch.full((k, steps), math.nan, **f64)
-        self.beta, self.threshold = smooth, threshold
-        self._nan = torch.tensor(math.nan, **f64)
-
-    def record(self, t: int, loss: torch.Tensor) -> None:
-        b, alive = self.beta, self.alive
-        loss = loss.to(torch.float64)
-        self.avg = torch.where(alive, self.avg * b + (1.0 - b) * loss, self.avg)
-        smoothed = self.avg / (1.0 - b ** (t + 1))
-        self.losses[:, t] = torch.where(alive, loss, self._nan)
-        self.smoothed[:, t] = torch.where(alive, smoothed, self._nan)
-        self.best_step = torch.where(alive & (smoothed < self.best), t, self.best_step)
-        self.best = torch.where(alive, torch.fmin(self.best, smoothed), self.best)
-        bad = ~torch.isfinite(smoothed)
-        if self.threshold is not None:
-            bad |= smoothed > self.threshold * self.best
-        diverged = alive & bad
-        self.steps_run = torch.where(diverged, t + 1, self.steps_run)
-        self.alive = alive & ~diverged
+from lrfast.engine.tracker import Tracker
 
 
 def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch.Tensor, tracker: Tracker,
