@@ -36,6 +36,10 @@ def _range_options(p: argparse.ArgumentParser, min_lr: float, max_lr: float, opt
                    "the ranks) or off; auto: ddp when there is more than one rank (default %(default)s)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before raising (default %(default)s)")  # fmt: skip
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step (default: on for CUDA)")  # fmt: skip
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the step in a CUDA graph and replay it (default: on for CUDA)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,6 +168,7 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
             early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
             seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
             distributed=None if args.distributed == "auto" else args.distributed, timeout=args.timeout,
+            compile=args.compile, graphs=args.graphs,
         )  # fmt: skip
     except (ValueError, TypeError, DistributedError) as e:  # find's checks, another rank's failure: clear messages
         raise SystemExit(f"lrfast: {e}") from e

@@ -146,6 +146,7 @@ CLI_CASES = {
     "min_lr_above_max_lr": (["find", "lrfast_cli_target:good", "--min-lr", "1", "--max-lr", "0.1"],
                             ["min_lr=1.0", "max_lr=0.1", "smaller"]),  # fmt: skip
     "smooth_one": (["find", "lrfast_cli_target:good", "--smooth", "1"], ["smooth=1.0", "[0, 1)"]),
+    "graphs_on_cpu": (["find", "lrfast_cli_target:good", "--graphs"], ["graphs=True", "CUDA"]),
     "threshold_below_one": (["demo", "--early-stop-threshold", "0.5"], ["early_stop_threshold=0.5", "None"]),
     "seed_negative": (["find", "lrfast_cli_target:good", "--seed", "-3"], ["seed=-3", "non-negative"]),
     "candidates_zero": (["find", "lrfast_cli_target:good", "--strategy", "grid", "--candidates", "0"],
