@@ -23,6 +23,9 @@ def info() -> dict:
         "cuda": torch.cuda.is_available(),
         "cuda_why_not": None if torch.cuda.is_available() else "torch.cuda.is_available() is False (no GPU or a "
         "CPU build of torch)",
+        "gpu_kernels": "triton" if torch.cuda.is_available() and triton_ok else None,
+        "gpu_engine": "torch.compile + CUDA graph replay (find's default on CUDA: compile=None, graphs=None)"
+        if torch.cuda.is_available() and triton_ok else "eager (CUDA graphs need a CUDA device and triton)",
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
     }
