@@ -1,6 +1,9 @@
 """Small models, batches and state comparisons shared by the tests."""
 
+import importlib
+import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -53,3 +56,23 @@ def assert_same_rng(a, b) -> None:
     assert a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1]) and a[1][2:] == b[1][2:]
     assert a[2] == b[2]
 
+
+
+def triton_kernels():
+    """lrfast.kernels.triton_optim, its kernels interpreted on CPU when there is no GPU (TRITON_INTERPRET is read when
+    the kernels are defined: set for the import only)."""
+    name = "lrfast.kernels.triton_optim"
+    if torch.cuda.is_available():
+        return importlib.import_module(name)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+        # the first launch imports more of triton, which checks the variable again: launch once while it is set
+        module.sgd_step(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.ones(1), 1, module.SGDParams())
+        return module
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import make_batches, make_mlp
+from _helpers import make_batches, make_mlp, triton_kernels
 
 from lrfast import batches, optimizers, schedule, strategies
 from lrfast.engine import graphed, runner
@@ -21,10 +21,14 @@ CPU = torch.device("cpu")
 
 
 def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, threshold=None, dropout=0.0,
-         wrap=None, compile=False, max_lr=1.0, device=CPU, graphs=False, strict=False):  # fmt: skip
+         wrap=None, compile=False, max_lr=1.0, device=CPU, graphs=False, strict=False, backend=None):  # fmt: skip
     """One run of the candidates of `strategy` on the MLP with BatchNorm; returns (losses, smoothed, steps, out).
     `wrap(build)`: a step builder made from the run's own (graphed engine)."""
     model = make_mlp(batchnorm=True, dropout=dropout).to(device)
+    if optimizer == "adamw_groups":  # two param groups: LR ratio 10 (lr_scale 0.1 on the first), own weight decay
+        first = list(model[0].parameters())
+        rest = [p for p in model.parameters() if all(p is not q for q in first)]
+        optimizer = torch.optim.AdamW([{"params": first, "lr": 1e-3}, {"params": rest, "lr": 1e-2, "weight_decay": 0}])
     plan = optimizers.resolve(optimizer, model)
     if strategy == "grid":
         table = schedule.grid(1e-4, max_lr, k, steps)
@@ -36,6 +40,7 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
         torch.manual_seed(0)
         splits = batches.cache(make_batches(n=5), steps, device)
         arena = Arena(plan, k, device)
+        arena.backend = backend or arena.backend
         snap.lend(arena.segments, device)
         model.train()
         tracker = Tracker(k, steps, 0.98, threshold, device)
@@ -84,6 +89,20 @@ def test_device_counter_run_equals_the_eager_runner(k, strategy, optimizer):
     np.testing.assert_array_equal(got[0], want[0])  # raw losses: the same operations, bitwise
     np.testing.assert_allclose(got[1], want[1], rtol=1e-14)  # smoothed: b**n by torch.pow vs Python's **
     assert got[2] == want[2] == 12
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_groups", "sgd"])
+def test_the_triton_kernels_in_the_engine_equal_the_cpu_kernels(optimizer):
+    """The GPU engine's optimizer path (Arena.update -> Triton: LR table at the device counter, alive mask, per-group
+    LR scale), interpreted on CPU, gives the C++ kernels' curves within fp32 rounding; one candidate diverges and
+    is frozen by the mask."""
+    pytest.importorskip("triton")
+    triton_kernels()
+    kwargs = dict(optimizer=optimizer, threshold=1.5, steps=10, max_lr=3.0 if optimizer == "sgd" else 1.0)
+    want = _run("graphed", 3, "grid", **kwargs)
+    got = _run("graphed", 3, "grid", backend="triton", **kwargs)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5, equal_nan=True)
+    assert got[2] == want[2]
 
 
 def test_early_stop_on_the_device_equals_the_eager_runner():

@@ -8,12 +8,9 @@ terms); frozen candidates and the LR table / device step path are compared bitwi
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from _helpers import triton_kernels
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
@@ -24,23 +21,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _import_kernels():
-    """triton_optim with its kernels interpreted on CPU: TRITON_INTERPRET is read when the kernels are defined."""
-    if CUDA:
-        return importlib.import_module("lrfast.kernels.triton_optim")
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        name = "lrfast.kernels.triton_optim"
-        return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-T = _import_kernels()
+T = triton_kernels()
 RTOL, ATOL = 4e-7, 2e-7  # measured: 3.3e-7 relative, 1.5e-7 absolute near 0 (cancellation), see the docstring
 
 ADAMS = {
