@@ -95,6 +95,20 @@ class Arena:
             per += 0 if s.master is None else s.master[0].nbytes
         return per
 
+    def start_rows(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Candidate 0's weights (and fp32 masters) per segment: at the start every candidate's are these, so
+        `reset(start_rows)` can put the arena back without a copy of all K rows."""
+        return [(s.p[0].clone(), None if s.master is None else s.master[0].clone()) for s in self.segments]
+
+    def reset(self, rows: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Every candidate back to `rows` (start_rows()), optimizer state zero, as the arena started."""
+        for s, (p, master) in zip(self.segments, rows):
+            s.p.copy_(p.expand_as(s.p))
+            if master is not None:
+                s.master.copy_(master.expand_as(s.master))
+            for t in s.state.values():
+                t.zero_()
+
     def zero_grad(self) -> None:
         for buf in self.grad_buffers.values():
             buf.zero_()

@@ -104,7 +104,7 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
     warm-up.
     `sync` (distributed.Sync): grads and losses averaged over the ranks inside the step (NCCL inside the graph).
     `strict`: the replay loop runs under torch.cuda.set_sync_debug_mode("error"), so any host sync raises.
-    Returns {"step": the step object, "steps_run", "timings": {compile, capture, steps}, "notes": [...],
+    Returns {"step": the step object, "steps_run", "timings": {compile (or warmup), capture, steps}, "notes": [...],
     "graphs": bool, "compiled": bool}."""
     device = arena.device
     cuda = device.type == "cuda"
@@ -125,20 +125,17 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
             mask = mask & ok
         arena.update(lr_table, counter, mask=mask)
 
-    def state() -> list[torch.Tensor]:
-        s = [counter, *tracker.tensors, *buffers(step)]
-        for seg in arena.segments:
-            s += [seg.p, *seg.state.values()] + ([seg.master] if seg.master is not None else [])
-        return s + ([] if scaler is None else scaler.tensors)
+    def state() -> list[torch.Tensor]:  # everything a step writes but the arena (reset from one row per segment)
+        return [counter, *tracker.tensors, *buffers(step)] + ([] if scaler is None else scaler.tensors)
 
     def reset() -> None:
         for x, y in zip(state(), saved):
             x.copy_(y)
+        arena.reset(rows)
         restore_rng(rng)
 
     step = make_step(compile)
-    saved = [x.clone() for x in state()]
-    rng = capture_rng()
+    saved, rows, rng = [x.clone() for x in state()], arena.start_rows(), capture_rng()
     need_warmup = compile or graphs
     if need_warmup:
         t0 = time.perf_counter()
@@ -154,7 +151,7 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
             step = make_step(False)
             _on_side_stream(cuda, lambda: one_step(step))
             _sync(cuda)
-        out["timings"]["compile"] = time.perf_counter() - t0
+        out["timings"]["compile" if out["compiled"] else "warmup"] = time.perf_counter() - t0
     graph = None
     if graphs:
         t0 = time.perf_counter()
