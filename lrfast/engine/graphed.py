@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from lrfast.engine import runner
 from lrfast.engine.arena import Arena
 from lrfast.engine.batched import is_oom
 from lrfast.engine.tracker import Tracker
@@ -184,16 +185,7 @@ def _loop(graph, one_step, step, steps, tracker, lr_table, bar, check_every, val
             graph.replay()
         else:
             one_step()
-        if val is not None and ((i + 1) % val_every == 0 or i + 1 == steps):  # eager, between replays
-            scores = step.evaluate(val)
-            if sync is not None:
-                scores = sync.mean_(scores, "averaging the validation losses over the ranks")
-            tracker.val[:, i] = torch.where(tracker.alive, scores.to(torch.float64), tracker._nan)
-        if bar is not None:
-            bar.update(1)
-            if i % 10 == 9 and not bar.disable:
-                k = int(torch.argmin(tracker.best))
-                bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")
+        runner.after_update(i, steps, step, tracker, lr_table, bar, val, val_every, sync)  # eager, between replays
         if (i + 1) % check_every == 0 and i + 1 < steps and _all_stopped(tracker.alive, pending):
             return i + 1
     return steps

@@ -48,14 +48,22 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
         else:
             lr = lr_table[t] if arena.k == 1 else lr_table[t] * tracker.alive
             arena.update(lr if ok is None else lr * ok, t + 1)
-        if val is not None and ((t + 1) % val_every == 0 or t + 1 == steps):
-            scores = step.evaluate(val)
-            if sync is not None:
-                scores = sync.mean_(scores, "averaging the validation losses over the ranks")
-            tracker.val[:, t] = torch.where(tracker.alive, scores.to(torch.float64), tracker._nan)
-        if bar is not None:
-            bar.update(1)
-            if t % 10 == 9 and not bar.disable:  # a host read: only while a bar is shown, every 10 steps
-                k = int(torch.argmin(tracker.best))
-                bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")
+        after_update(t, steps, step, tracker, lr_table, bar, val, val_every, sync)
     return steps
+
+
+def after_update(t: int, steps: int, step, tracker: Tracker, lr_table: torch.Tensor, bar, val, val_every: int,
+                 sync) -> None:  # fmt: skip
+    """Between step t and the next: score the validation batches (every `val_every`-th step and the last; averaged
+    over the ranks with `sync`), and move the progress bar (its postfix reads the best LR on the host every 10
+    steps, only while a bar is shown)."""
+    if val is not None and ((t + 1) % val_every == 0 or t + 1 == steps):
+        scores = step.evaluate(val)
+        if sync is not None:
+            scores = sync.mean_(scores, "averaging the validation losses over the ranks")
+        tracker.val[:, t] = torch.where(tracker.alive, scores.to(torch.float64), tracker._nan)
+    if bar is not None:
+        bar.update(1)
+        if t % 10 == 9 and not bar.disable:
+            k = int(torch.argmin(tracker.best))
+            bar.set_postfix_str(f"best loss at lr {float(lr_table[int(tracker.best_step[k]), k]):.2e}")

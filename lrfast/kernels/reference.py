@@ -82,12 +82,7 @@ def check_args(p, g, state: dict, lr, step, hp, hp_type) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != p.dtype:
             raise TypeError(f"{name} must have p's dtype {p.dtype}, got {t.dtype}")
-        if t.shape != p.shape:
-            raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
-        if t.device != p.device:
-            raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
+    check_like(p, [("p", p), ("g", g), *state.items()])
     if not isinstance(lr, torch.Tensor):
         raise TypeError(f"lr must be a float64 CPU tensor [K], got {type(lr).__name__}")
     if lr.dtype != torch.float64:
@@ -102,6 +97,17 @@ def check_args(p, g, state: dict, lr, step, hp, hp_type) -> None:
         raise TypeError(f"step must be an int (1-based), got {type(step).__name__}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the 1-based number of this step), got {step}")
+
+
+def check_like(p: torch.Tensor, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Each (name, tensor) has p's shape and device and is contiguous, or a ValueError names it."""
+    for name, t in named:
+        if t.shape != p.shape:
+            raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+        if t.device != p.device:
+            raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
 
 
 def _sgd_state(buf, hp: SGDParams) -> dict:

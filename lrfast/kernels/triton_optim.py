@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from lrfast.kernels.reference import AdamParams, SGDParams
+from lrfast.kernels.reference import AdamParams, SGDParams, check_like
 
 __all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
 
@@ -164,16 +164,10 @@ def _check(p, g, state: dict, lr, step, mask, low) -> None:
         raise TypeError(f"p must be an fp32 [K, N] tensor (the master weights), got {p.dtype} {tuple(p.shape)}")
     if g.dtype not in (torch.float32, *_LOW):
         raise TypeError(f"g must be fp32, bf16 or fp16, got {g.dtype}")
-    tensors = [("p", p), ("g", g), *state.items()] + ([("low", low)] if low is not None else [])
-    for name, t in tensors:
-        if name in state and t.dtype != torch.float32:
+    for name, t in state.items():
+        if t.dtype != torch.float32:
             raise TypeError(f"{name} must be fp32 like p, got {t.dtype}")
-        if t.shape != p.shape:
-            raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
-        if t.device != p.device:
-            raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
+    check_like(p, [("p", p), ("g", g), *state.items()] + ([("low", low)] if low is not None else []))
     if low is not None and low.dtype not in _LOW:
         raise TypeError(f"low must be bf16 or fp16 (the model's low-precision weights), got {low.dtype}")
     k = p.shape[0]
