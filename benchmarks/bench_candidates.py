@@ -2,6 +2,7 @@
 runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 on three workloads (Adam, batch 64, 100 steps):
 - mlp: digits MLP 64-256-256-10 (lrfast.data.mlp on digits());
 - lenet: LeNet-5 on digits upscaled to 28x28 (lrfast.data.lenet5 on digits(28));
+- resnet18, chargpt (by name only: K = 32 of them takes minutes a step on 2 cores): see benchmarks/workloads.py;
 - loader: the digits MLP fed by a map-style Dataset whose __getitem__ does deterministic per-sample CPU work (a few
   numpy blur passes per 8x8 image), calibrated at start to cost ~10x the K = 1 MLP step per batch of 64, as JPEG
   decoding + augmentation does for a small model.
@@ -24,29 +25,26 @@ candidates.md / candidates.png are rendered from that CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import os
-import platform
-import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import lrfast
-from benchmarks.contestants import Settings, fresh, run_torch_lr_finder
-from lrfast.data import digits, lenet5, mlp
+from benchmarks import report
+from benchmarks import workloads as W
+from benchmarks.contestants import Settings, for_workload, fresh, run_torch_lr_finder
+from lrfast.data import digits, mlp
 
 OUT = Path(__file__).parent / "results" / "cpu"
 KS = (1, 2, 4, 8, 16, 32)
-WORKLOADS = ("mlp", "lenet", "loader")
+WORKLOADS = ("mlp", "lenet", "loader")  # the default: ResNet-18 and char-GPT at K = 32 take minutes a step on 2 cores
+CHOICES = (*WORKLOADS, "resnet18", "chargpt")
 NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader": "loader_bound_digits_mlp"}
 MIN_LR, MAX_LR, BATCH = 1e-4, 1e-2, 64
 LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
@@ -95,48 +93,48 @@ def calibrate_rounds(target_ms: float) -> tuple[int, float]:
     return rounds, loader_ms_per_batch(rounds)
 
 
-def dataset_and_model(workload: str, rounds: int = 0):
-    if workload == "mlp":
-        return digits(), mlp
-    if workload == "lenet":
-        return digits(image_size=28), lenet5
+def dataset_and_model(workload: str, rounds: int = 0) -> tuple[Dataset, W.Workload]:
+    """(dataset, workload) from benchmarks/workloads.py; `loader` is its digits MLP fed by SlowDigits(rounds)."""
     if workload == "loader":
-        return SlowDigits(rounds), mlp
-    raise ValueError(f"--workloads: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+        return SlowDigits(rounds), W.get("mlp")
+    if workload not in CHOICES:
+        raise ValueError(f"--workloads: unknown workload {workload!r}; choose from {', '.join(CHOICES)}")
+    wl = W.get(workload)
+    return wl.dataset(), wl
 
 
 # ---------------------------------------------------------------------------------------------- contestants
 # Each returns (wall seconds, loss curves [runs, steps] or None, info of the last lrfast run).
 
 
-def lrfast_run(dataset, make_model, lrs, steps):
-    model, loader = fresh(dataset, make_model, Settings(batch_size=BATCH))
+def lrfast_run(dataset, wl: W.Workload, lrs, steps):
+    model, loader = fresh(dataset, wl.model, Settings(batch_size=wl.batch_size))
     gc.collect()
     t0 = time.perf_counter()
-    res = lrfast.find(model, loader, optimizer="adam", strategy="grid", lrs=list(lrs), steps=steps,
-                      early_stop_threshold=None, progress=False)  # fmt: skip
+    res = lrfast.find(model, loader, optimizer=wl.optimizer, loss_fn=wl.loss, strategy="grid", lrs=list(lrs),
+                      steps=steps, early_stop_threshold=None, progress=False)  # fmt: skip
     wall = time.perf_counter() - t0
     return wall, np.atleast_2d(np.asarray(res.losses, dtype=float)), {**res.info, "timings": res.timings}
 
 
-def one_pass(dataset, make_model, lrs, steps):
-    return lrfast_run(dataset, make_model, lrs, steps)
+def one_pass(dataset, wl: W.Workload, lrs, steps):
+    return lrfast_run(dataset, wl, lrs, steps)
 
 
-def sequential(dataset, make_model, lrs, steps):
+def sequential(dataset, wl: W.Workload, lrs, steps):
     total, curves, info = 0.0, [], {}
     for lr in lrs:
-        t, c, info = lrfast_run(dataset, make_model, [lr], steps)
+        t, c, info = lrfast_run(dataset, wl, [lr], steps)
         total += t
         curves.append(c[0])
     return total, np.stack(curves), info
 
 
-def torch_lr_finder(dataset, make_model, lrs, steps):
-    s = Settings(min_lr=MIN_LR, max_lr=MAX_LR, steps=steps, batch_size=BATCH, early_stop=None)
+def torch_lr_finder(dataset, wl: W.Workload, lrs, steps):
+    s = for_workload(wl, Settings(min_lr=MIN_LR, max_lr=MAX_LR, early_stop=None), steps)
     total = 0.0
     for _ in lrs:
-        model, loader = fresh(dataset, make_model, s)
+        model, loader = fresh(dataset, wl.model, s)
         gc.collect()
         t0 = time.perf_counter()
         run_torch_lr_finder(model, loader, s)
@@ -162,37 +160,26 @@ def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def step_flops(dataset, make_model) -> int:
-    """FLOPs of one forward + backward (cross-entropy) at batch 64, as torch's flop counter counts them (matmuls and
-    convolutions)."""
+def step_flops(dataset, wl: W.Workload) -> int:
+    """FLOPs of one forward + backward (the workload's loss) at its batch, as torch's flop counter counts them
+    (matmuls, convolutions, attention)."""
     torch.manual_seed(0)
-    model = make_model()
-    x, y = (torch.stack(t) for t in zip(*(dataset[i] for i in range(BATCH))))
+    model = wl.model()
+    x, y = (torch.stack(t) for t in zip(*(dataset[i] for i in range(wl.batch_size))))
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
+        wl.loss(model(x), y).backward()
     return int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def conditions() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = ""
-    return {"device": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "lrfast": lrfast.__version__,
-            "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
-
-
 def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, rounds: int, loader_ms: float,
                    k1_ms: float):  # fmt: skip
-    dataset, make_model = dataset_and_model(workload, rounds)
-    flops = step_flops(dataset, make_model)
+    dataset, wl = dataset_and_model(workload, rounds)
+    flops = step_flops(dataset, wl)
     for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
-        RUNNERS[name](dataset, make_model, np.geomspace(MIN_LR, MAX_LR, 2), 5)
+        RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5)
     rows, tlf_prev = [], None
     for k in ks:
         lrs = np.geomspace(MIN_LR, MAX_LR, k) if k > 1 else np.array([1e-3])
@@ -202,7 +189,7 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
         curves, info = {}, {}
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order round by round
-                t, c, i = RUNNERS[name](dataset, make_model, lrs, steps)
+                t, c, i = RUNNERS[name](dataset, wl, lrs, steps)
                 best[name] = min(best[name], t)
                 if c is not None:
                     curves[name] = c
@@ -215,7 +202,8 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
         tlf = ms.get("torch_lr_finder", float("nan"))
         note = (f"torch-lr-finder skipped: {tlf_prev[1] * k / tlf_prev[0]:.0f} s a round estimated from K = "
                 f"{tlf_prev[0]}" if skip_tlf else "")  # fmt: skip
-        row = {"workload": NAMES[workload], "optimizer": "adam", "batch_size": BATCH, "k": k, "steps": steps,
+        row = {"workload": NAMES.get(workload, workload), "optimizer": wl.optimizer, "batch_size": wl.batch_size,
+               "k": k, "steps": steps,
                "forward": info.get("forward", ""), "ms_per_step_one_pass": ms["one_pass"],
                "ms_per_step_sequential": ms["sequential"], "ms_per_step_sequential_torch_lr_finder": tlf,
                "ms_per_candidate_step_one_pass": ms["one_pass"] / k,
@@ -225,7 +213,7 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                "one_pass_vs_floor": ms["one_pass"] / (1e3 * k * flops / (gflops * 1e9)), "flops_per_step_k1": flops,
                "matmul_gflops": gflops, "loader_ms_per_batch": loader_ms if workload == "loader" else "",
                "loader_rounds": rounds if workload == "loader" else "", "mlp_k1_steps_phase_ms_per_step": k1_ms,
-               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **conditions()}  # fmt: skip
+               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **report.conditions("cpu")}  # fmt: skip
         print(
             f"{workload} K={k}: one pass {ms['one_pass']:.2f} ms/step, sequential {ms['sequential']:.2f}, "
             f"torch-lr-finder {tlf:.2f}, floor {row['floor_ms_per_step']:.3f}",
@@ -236,16 +224,11 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
 
 
 def write_csv(out: Path, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "candidates.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    report.write_csv(rows, out / "candidates.csv", list(rows[0]))
 
 
 def read_csv(out: Path) -> list[dict]:
-    with open(out / "candidates.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return report.read_csv(out / "candidates.csv")
 
 
 def _fmt(x: str) -> str:
@@ -328,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         ks = [int(k) for k in args.ks.split(",")]
         gflops = matmul_gflops()
         # the K = 1 step as lrfast's steps phase times it (set-up left out), 50 steps, best of 3
-        k1_ms = 1e3 * min(one_pass(digits(), mlp, [1e-3], 50)[2]["timings"]["steps"] for _ in range(3)) / 50
+        k1_ms = 1e3 * min(one_pass(digits(), W.get("mlp"), [1e-3], 50)[2]["timings"]["steps"] for _ in range(3)) / 50
         if args.quick:
             rounds, loader_ms = 4, loader_ms_per_batch(4)
         else:

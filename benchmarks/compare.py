@@ -9,11 +9,12 @@ with seed 0, cycled when the steps outrun it), in the same process. Two measures
   load the second core);
 - warm: best of 3 in one process after one warm-up, contestants interleaved round by round (the 2-core machines
   swing up to 2x minute to minute, see shared/PERF-NOTES.md).
-Workloads of seconds per step (ResNet-18 and char-GPT on CPU) get one fresh process and one warm run after a 2-step
-warm-up. On CUDA the clock stops after torch.cuda.synchronize(); lrfast runs with its CUDA defaults (compile and
-CUDA-graph capture times are their own columns when lrfast reports them) and K = 16 / 32 rows (strategy "seeds": K
-replicas of the same range test) come with it. Steady state: lrfast's steps phase, the bare loop's steps after the
-first 10 %, the peers' whole call (they have no separable phases).
+Long workloads (ResNet-18 and char-GPT on CPU: seconds per step; GPT-2-shaped) get one fresh process and one warm
+run after a 2-step warm-up. On CUDA the clock stops after torch.cuda.synchronize(); lrfast runs with its CUDA
+defaults (compile and CUDA-graph capture times are their own columns when lrfast reports them) and K = 16 / 32 rows
+(strategy "seeds": K replicas of the same range test) come with it, except for GPT-2-shaped (K copies of 124M
+params). Steady state: lrfast's steps phase, the bare loop's steps after the first 10 %, the peers' whole call
+(they have no separable phases).
 Rows go to `benchmarks/results/<device>/compare.csv` (units in column names, conditions on every row); `compare.md`
 and `compare.png` are rendered from the CSV. Peers are optional imports: a missing one gets a row with a `note`.
 
@@ -223,7 +224,7 @@ def render_markdown(csv_path: Path) -> str:
     return "\n".join([
         f"# lrfast vs peers: LR range test, {c['device']}", "",
         f"Range exp {c['min_lr']} -> {c['max_lr']}, torch default hyper-parameters, early stop {c['early_stop']}; "
-        "warm = best of N after one warm-up (2 steps for the workloads of seconds per step), contestants "
+        "warm = best of N after one warm-up (2 steps for the long workloads), contestants "
         "interleaved round by round; first call = one range test in a fresh process, best of N processes run "
         "round by round (Python, torch and torch._dynamo imported before the clock starts, the contestant's own "
         "import timed apart in `import s`); peak RSS of that process. k = LR candidates per pass. ms/step warm = "
@@ -336,11 +337,14 @@ def main(argv: list | None = None) -> int:
         wl = W.get(name, s.device, s.quick)
         sw = for_workload(wl, s, args.steps, args.batch_size)
         reps, firsts_n = (min(repeats, 1), min(first_repeats, 1)) if wl.heavy else (repeats, first_repeats)
-        firsts = best_of(live, firsts_n, 0, lambda c: first_call(c, name, sw))
+        skip = {c: "not run for this workload (K copies of its model)" for c in live
+                if c.startswith("lrfast_k") and not wl.candidates}  # fmt: skip
+        run_here = [c for c in live if c not in skip]
+        firsts = best_of(run_here, firsts_n, 0, lambda c: first_call(c, name, sw))
         dataset = wl.dataset()
         warm_up = partial(timed, dataset=dataset, make_model=wl.model, s=dataclasses.replace(sw, steps=2))
-        warms = best_of(live, reps, 1, lambda c: timed(c, dataset, wl.model, sw), warm_up if wl.heavy else None)
-        new = rows_for(wl, firsts, warms, {c: why_missing[c] for c in chosen if why_missing[c]},
+        warms = best_of(run_here, reps, 1, lambda c: timed(c, dataset, wl.model, sw), warm_up if wl.heavy else None)
+        new = rows_for(wl, firsts, warms, {**{c: why_missing[c] for c in chosen if why_missing[c]}, **skip},
                        conditions(sw, reps, firsts_n))  # fmt: skip
         for r in new:
             print(f"{name:8} {r['contestant']:16} warm {r['ms_per_step_warm'] or float('nan'):9.3f} ms/step  "

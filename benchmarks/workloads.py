@@ -49,7 +49,8 @@ class Workload:
     optimizer: str = "adam"  # "adam" | "adamw": torch defaults, lrfast's name for it
     precision: str = "fp32"  # "fp32" | "bf16" (autocast around the forward, fp32 weights)
     loss: Callable = F.cross_entropy
-    heavy: bool = False  # seconds per step on this device: fewer repeats
+    heavy: bool = False  # long runs on this device (seconds per step, or 124M params): fewer repeats
+    candidates: bool = True  # K = 16 / 32 rows make sense (not for K copies of a 124M model)
 
 
 def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
@@ -73,7 +74,8 @@ def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
         layers, width, heads, vocab, ctx, batch = (2, 64, 2, 512, 32, 4) if quick else (12, 768, 12, 50257, 1024, 8)
         return Workload(name, f"GPT-2-small-shaped {layers}x{width}, vocab {vocab}, ctx {ctx}, bf16",
                         partial(stdlib_bytes, ctx), partial(GPT, vocab, ctx, layers, width, heads), batch, steps,
-                        optimizer="adamw", precision="bf16", loss=lm_loss, heavy=cpu and not quick)  # fmt: skip
+                        optimizer="adamw", precision="bf16", loss=lm_loss, heavy=not quick,
+                        candidates=quick)  # fmt: skip
     raise ValueError(f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 

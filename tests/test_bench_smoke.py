@@ -111,3 +111,17 @@ def test_kernels_quick_run_writes_gbps_and_fraction_of_copy(tmp_path):
     assert next(r for r in rows if r["kernel"] == "copy")["fraction_of_copy"] == "1"
     assert "| copy | 10,000 | 1 |" in (tmp_path / "kernels.md").read_text()
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_candidates_quick_run_writes_time_vs_k_with_equal_curves(tmp_path):
+    from benchmarks import bench_candidates
+
+    bench_candidates.main(["--quick", "--workloads", "mlp", "--out", str(tmp_path)])
+    _, rows = _read(tmp_path / "candidates.csv")
+    assert [r["k"] for r in rows] == ["1", "2"]
+    for r in rows:
+        for col in ("ms_per_step_one_pass", "ms_per_step_sequential", "speedup_vs_sequential", "floor_ms_per_step"):
+            assert math.isfinite(float(r[col])) and float(r[col]) > 0, (col, r)
+        # K candidates in one pass train what K separate runs train (lr <= 1e-2: rounding stays ~1e-6, PERF-NOTES)
+        assert float(r["max_rel_diff_curves"]) < 1e-4, r
+    assert (tmp_path / "candidates.md").exists() and (tmp_path / "candidates.png").stat().st_size > 0
