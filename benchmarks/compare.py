@@ -243,7 +243,9 @@ def render_markdown(csv_path: Path) -> str:
         f"{lrfast_impl or '-'}); torch-lr-finder and Lightning draw a tqdm bar that "
         "cannot be switched off (sent to /dev/null), lrfast runs with progress=False; Lightning writes and reloads "
         "a checkpoint per call; with early stop off every curve runs on into divergence, and each suggestion is its "
-        "tool's own pick on that whole curve; the bare loop restores nothing and suggests nothing."
+        "tool's own pick on that whole curve; the bare loop restores nothing and suggests nothing. Workloads run "
+        "for fewer than 100 steps are there for time: 8 decades of LR in 10-20 steps make a coarse curve, so "
+        "their suggestions mean little (Lightning gives none under its minimum number of points)."
         + (" No fresh-process call in this run (--quick)." if quick else ""),
         "", "Reproduce: `pip install -e . torch-lr-finder pytorch-lightning scikit-learn && "
         f"python -m benchmarks.compare --device {'cuda' if 'cuda' in csv_path.parent.name else 'cpu'}`; "
@@ -266,6 +268,8 @@ def render_png(csv_path: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(x, [f"{r['workload']}\n{r['steps']} steps" for r in rows])
         ax.set(title=f"lrfast K=1 speedup, {title}", yscale="log")
+        ax.yaxis.set_major_formatter("{x:g}x")
+        ax.yaxis.set_minor_formatter("")
     axes[0].set_ylabel("x faster (peer time / lrfast time)")
     axes[0].legend(fontsize=8)
     c = rows[0] if rows else {}

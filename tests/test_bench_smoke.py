@@ -71,6 +71,7 @@ def test_quick_run_writes_a_row_per_contestant_and_leaves_the_cwd_clean(tmp_path
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over CPU attention, K = 16
 def test_quick_run_covers_the_new_workloads_with_bf16_and_k_candidate_rows(tmp_path, scratch):
     out = tmp_path / "out"
     names = ["lrfast", "torch_lr_finder", "lightning", "bare"]
