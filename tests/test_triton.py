@@ -202,3 +202,23 @@ def test_bad_arguments_name_the_argument(change, match):
 def test_sgd_with_momentum_needs_a_buffer():
     with pytest.raises(ValueError, match="buf must be a"):
         T.sgd_step(torch.zeros(1, 3), torch.zeros(1, 3), None, torch.ones(1), 1, SGDParams(momentum=0.9))
+
+
+def test_lrfast_imports_and_runs_without_triton():
+    """triton is optional at run time: with it unimportable, `import lrfast` and a CPU find work, and the Triton
+    module says why it is off."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, lrfast\n"
+        "from lrfast.kernels import triton_optim as T\n"
+        "assert not T.AVAILABLE and 'triton is not installed' in T.WHY, T.WHY\n"
+        "m = torch.nn.Linear(4, 2); data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]\n"
+        "res = lrfast.find(m, data, steps=5, progress=False)\n"
+        "assert res.steps_run == 5 and lrfast.info()['gpu_kernels'] is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
