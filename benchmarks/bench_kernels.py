@@ -254,7 +254,8 @@ def render_png(csv_path: Path) -> None:
     for name in KERNELS:
         pts = sorted((int(r["params"]), float(r["gbps"])) for r in rows if r["kernel"] == name)
         if pts:
-            ax.plot(*zip(*pts), marker="o", ls="--" if name == "copy" else "-", label=name)
+            copy = name == "copy"
+            ax.plot(*zip(*pts), marker="o", ls="--" if copy else "-", label="copy_, read + write" if copy else name)
     ax.set(xscale="log", yscale="log", xlabel="params (K = 1)", ylabel="GB/s at 28 B/param")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -55,6 +55,7 @@ from benchmarks.contestants import (
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
+# K-candidate rows are the GPU engine's claim; on CPU time vs K is bench_candidates.py's job
 DEFAULT_CONTESTANTS = {"cpu": ("lrfast", "torch_lr_finder", "lightning", "bare"), "cuda": CONTESTANTS}
 DEFAULT_WORKLOADS = {"cpu": tuple(w for w in W.WORKLOADS if w not in W.GPU_ONLY), "cuda": W.WORKLOADS}
 COLUMNS = [

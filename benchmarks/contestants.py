@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from benchmarks import workloads as W
 
 CONTESTANTS = ("lrfast", "lrfast_k16", "lrfast_k32", "torch_lr_finder", "lightning", "bare")
-# K-candidate rows are the GPU engine's claim; on CPU time vs K is bench_candidates.py's job
 PEERS = ("bare", "torch_lr_finder", "lightning")
 # the package each contestant brings on top of torch (its import is timed apart from the range test)
 MODULES = {"lrfast": "lrfast", "lrfast_k16": "lrfast", "lrfast_k32": "lrfast", "torch_lr_finder": "torch_lr_finder",
            "lightning": "pytorch_lightning", "bare": None}  # fmt: skip
 SUGGESTION_METHOD = {"lrfast": "valley", "lrfast_k16": "median valley", "lrfast_k32": "median valley",
                      "torch_lr_finder": "steepest (plot)", "lightning": "steepest", "bare": ""}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Settings:
     min_lr: float = 1e-7
@@ -61,7 +62,7 @@ def fresh(dataset, make_model, s: Settings, seed: int = 0):
     """The same initial weights and the same batch order for every contestant and every round."""
     torch.manual_seed(seed)
     model = make_model().to(s.device)
-    return model, W._data().loader(dataset, batch_size=s.batch_size, shuffle=True, seed=seed)
+    return model, W.lrfast_data().loader(dataset, batch_size=s.batch_size, shuffle=True, seed=seed)
 
 
 @contextlib.contextmanager
@@ -76,6 +77,8 @@ def _autocast(s: Settings):
 # ---------------------------------------------------------------------------------------------- contestants
 # Each returns {k, steps_run, suggestion, impl, and where it has them: steady_ms (ms/step), compile_s, capture_s};
 # the caller times the whole call.
+
+
 def _torch_impl(s: Settings) -> str:
     return f"torch.optim.{W.OPTIMIZERS[s.optimizer].__name__} default" + (" (for-loop on CPU)" if not s.cuda else "")
 

@@ -58,9 +58,9 @@ def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
     cpu = not device.startswith("cuda")
     steps = 20 if quick else (CPU_STEPS.get(name, 100) if cpu else 100)
     if name == "mlp":
-        return Workload(name, "digits MLP 64-256-256-10", _digits, _data().mlp, 64, steps)
+        return Workload(name, "digits MLP 64-256-256-10", _digits, lrfast_data().mlp, 64, steps)
     if name == "lenet":
-        return Workload(name, "LeNet-5, digits 28x28", partial(_digits, 28), _data().lenet5, 64, steps)
+        return Workload(name, "LeNet-5, digits 28x28", partial(_digits, 28), lrfast_data().lenet5, 64, steps)
     if name == "resnet18":
         width, n, batch = (8, 256, 16) if quick else (64, 5120, 128)
         return Workload(name, f"ResNet-18 (width {width}), CIFAR-shaped 32x32 generated", partial(cifar_like, n),
@@ -79,7 +79,7 @@ def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
     raise ValueError(f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
-def _data():
+def lrfast_data():
     """lrfast.data; loaded from its file alone when the rest of the package does not import (it needs only torch and
     scikit-learn), so the peers can still be measured on the same data."""
     try:
@@ -92,7 +92,7 @@ def _data():
 
 
 def _digits(image_size: int | None = None) -> TensorDataset:
-    return _data().digits(image_size=image_size)
+    return lrfast_data().digits(image_size=image_size)
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn", reason="the benchmark's digits workloads need scikit-learn")
 
@@ -29,6 +30,16 @@ def _read(path: Path) -> tuple[list[str], list[dict]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The quick models are tiny: one intra-op thread is as fast alone, and when another job shares the 2 cores,
+    2 OpenMP threads that spin-wait made these tests 20x slower here. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
