@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lrfast
 from benchmarks import report
 from benchmarks import workloads as W
-from benchmarks.contestants import Settings, for_workload, fresh, run_torch_lr_finder
+from benchmarks.contestants import Settings, for_workload, fresh, missing, run_torch_lr_finder
 from lrfast.data import digits, mlp
 
 OUT = Path(__file__).parent / "results" / "cpu"
@@ -178,13 +178,15 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                    k1_ms: float):  # fmt: skip
     dataset, wl = dataset_and_model(workload, rounds)
     flops = step_flops(dataset, wl)
+    tlf_missing = missing("torch_lr_finder")  # an optional peer: its column stays empty without it
     for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
-        RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5)
+        if not (name == "torch_lr_finder" and tlf_missing):
+            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5)
     rows, tlf_prev = [], None
     for k in ks:
         lrs = np.geomspace(MIN_LR, MAX_LR, k) if k > 1 else np.array([1e-3])
         skip_tlf = tlf_prev is not None and tlf_prev[1] * k / tlf_prev[0] > TLF_BUDGET_S
-        names = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and skip_tlf)]
+        names = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and (skip_tlf or tlf_missing))]
         best = {c: float("inf") for c in names}
         curves, info = {}, {}
         for r in range(repeats):
@@ -202,6 +204,7 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
         tlf = ms.get("torch_lr_finder", float("nan"))
         note = (f"torch-lr-finder skipped: {tlf_prev[1] * k / tlf_prev[0]:.0f} s a round estimated from K = "
                 f"{tlf_prev[0]}" if skip_tlf else "")  # fmt: skip
+        note = f"torch-lr-finder {tlf_missing}" if tlf_missing else note
         row = {"workload": NAMES.get(workload, workload), "optimizer": wl.optimizer, "batch_size": wl.batch_size,
                "k": k, "steps": steps,
                "forward": info.get("forward", ""), "ms_per_step_one_pass": ms["one_pass"],

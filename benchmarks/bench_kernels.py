@@ -3,7 +3,7 @@
 of 100k params.
 
     python -m benchmarks.bench_kernels [--device cpu|cuda] [--quick]   # writes results/<device>/kernels.{csv,md,png}
-    pytest benchmarks/ -o addopts="" --benchmark-only   # the same steps under pytest-benchmark
+    pytest benchmarks/ --benchmark-only   # the same steps under pytest-benchmark
 
 Every contestant does the same work per call: one AdamW step (betas 0.9/0.999, eps 1e-8, weight decay 1e-2) over
 K candidates of `params` fp32 parameters, each candidate at its own lr: 28 B/param moved (read p, g, m, v; write p,

@@ -1,7 +1,6 @@
 """pytest-benchmark suite of the optimizer-step kernels (benchmarks/bench_kernels.py's cases and contestants):
-`pytest benchmarks/ -o addopts="" --benchmark-only` (pyproject's addopts pass --benchmark-disable, and the default
-`pytest` run collects tests/ only). On a CUDA machine the steps run there and every timed call ends in
-torch.cuda.synchronize()."""
+`pytest benchmarks/ --benchmark-only` (the default `pytest` run collects tests/ only). On a CUDA machine the
+steps run there and every timed call ends in torch.cuda.synchronize()."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """pytest-benchmark suite of whole range tests on the light workloads (benchmarks/workloads.py, their --quick sizes
-and 20 steps): lrfast K = 1 against the bare eager loop, the floor for eager code. `pytest benchmarks/ -o addopts=""
+and 20 steps): lrfast K = 1 against the bare eager loop, the floor for eager code. `pytest benchmarks/
 --benchmark-only`; the side-by-side table with every peer is `python -m benchmarks.compare`."""
 
 from __future__ import annotations
