@@ -268,11 +268,7 @@ def write_md(out: Path) -> None:
 
 
 def write_png(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     rows = read_csv(out)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     series = {"ms_per_step_one_pass": "lrfast, K in one pass", "ms_per_step_sequential": "K x lrfast K=1",
@@ -292,9 +288,7 @@ def write_png(out: Path) -> None:
     c = rows[0]
     fig.suptitle(f"{c['steps']} steps, batch {c['batch_size']}, Adam; {c['cores']} cores, torch {c['torch']}, "
                  f"commit {c['commit']}, {c['date']}", fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(out / "candidates.png", dpi=110)
-    plt.close(fig)
+    report.save_png(fig, out / "candidates.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -261,9 +261,7 @@ def render_png(csv_path: Path) -> None:
     ax.legend(fontsize=8)
     c = report.read_csv(csv_path)[0]
     ax.set_title(f"AdamW step, {c['device']}, {c['threads']} threads, torch {c['torch']}, {c['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(csv_path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    report.save_png(fig, csv_path.with_suffix(".png"))
 
 
 def render(csv_path: Path) -> None:

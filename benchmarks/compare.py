@@ -276,9 +276,7 @@ def render_png(csv_path: Path) -> None:
     c = rows[0] if rows else {}
     fig.suptitle(f"{c.get('device', '')}, {c.get('threads', '')} threads, torch {c.get('torch', '')}, "
                  f"commit {c.get('commit', '')}, {c.get('date', '')}", fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(csv_path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    report.save_png(fig, csv_path.with_suffix(".png"))
 
 
 def render(csv_path: Path) -> None:

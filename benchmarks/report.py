@@ -95,3 +95,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay out, write and close a figure (the PNG next to the CSV it is made from)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
