@@ -11,15 +11,15 @@ Contract (as lrfast/kernels/reference.py, except where said):
     low: optional bf16 / fp16 [K, N]: written with the updated p rounded to its dtype (bf16 weights with fp32
          master weights and moments: p is the master, low is what the model computes with)
 An effective LR of exactly 0 leaves that candidate's p, m, v, buf (and low) unchanged. Bias corrections are
-computed on the device in fp64 from the step; the element maths is fp32 with IEEE-rounded division and sqrt, so the
-result equals torch.optim (foreach=False) within fp32 rounding (tests/test_triton.py states the measured error).
+computed in fp64 from the step (by torch on the device for a device step); the element maths is fp32 with
+IEEE-rounded division and sqrt, so the result equals torch.optim (foreach=False) within fp32 rounding
+(tests/test_triton.py states the measured error).
 
 Triton is imported here only; `import lrfast` never needs it. With TRITON_INTERPRET=1 set before this module is
 imported, the kernels run on CPU tensors (slow: for tests)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -73,18 +73,16 @@ if triton is not None:
         return step, lr
 
     @triton.jit
-    def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, lr_ptr, mask_ptr, step_ptr, hp_ptr, step_val, N, K,
+    def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, lr_ptr, mask_ptr, step_ptr, hp_ptr, bc_ptr, step_val, N, K,
                      DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
                      LR_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOW: tl.constexpr,
                      BLOCK: tl.constexpr):  # fmt: skip
         k = tl.program_id(1)
         step, lr = _step_and_lr(lr_ptr, mask_ptr, step_ptr, step_val, k, K, STEP_ON_DEVICE, LR_TABLE, HAS_MASK)
-        # hp (fp64): beta1, beta2, eps, weight_decay, log(beta1), log(beta2)
+        # hp (fp64): beta1, beta2, eps, weight_decay; bc (fp64): 1 - beta1**step, sqrt(1 - beta2**step)
         beta1, beta2 = tl.load(hp_ptr), tl.load(hp_ptr + 1)
         eps, wd = tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
-        stepf = step.to(tl.float64)
-        bc1 = 1.0 - tl.exp(stepf * tl.load(hp_ptr + 4))  # 1 - beta1**step, as torch.optim computes it on the host
-        bc2_sqrt = tl.sqrt(1.0 - tl.exp(stepf * tl.load(hp_ptr + 5)))
+        bc1, bc2_sqrt = tl.load(bc_ptr), tl.load(bc_ptr + 1)
         step_size = (lr / bc1).to(tl.float32)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < tl.where(lr != 0.0, N, 0)  # lr 0: the candidate is frozen, nothing is read or written
@@ -205,10 +203,11 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None) -> N
     k, n = p.shape
     if n == 0 or k == 0:
         return
-    values = (hp.beta1, hp.beta2, hp.eps, hp.weight_decay, _log(hp.beta1), _log(hp.beta2))
+    values = (hp.beta1, hp.beta2, hp.eps, hp.weight_decay)
     (low_, lr_, mask_, step_), flags = _common(p, lr, step, mask, low)
     _adam_kernel[(triton.cdiv(n, BLOCK), k)](
-        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device), 0 if flags["STEP_ON_DEVICE"] else step,
+        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device), _bias_corrections(hp, step, p.device),
+        0 if flags["STEP_ON_DEVICE"] else step,
         n, k, DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0, **flags,
     )  # fmt: skip
 
@@ -238,5 +237,10 @@ def sgd_step(p, g, buf, lr, step, hp: SGDParams, *, mask=None, low=None) -> None
     )  # fmt: skip
 
 
-def _log(beta: float) -> float:
-    return math.log(beta) if beta > 0 else -math.inf  # beta 0: beta**step is 0 for every step >= 1
+def _bias_corrections(hp: AdamParams, step, device: torch.device) -> torch.Tensor:
+    """[1 - beta1**step, sqrt(1 - beta2**step)] in fp64 on the device. For a device step, torch ops on the device
+    (capturable; fp64 transcendentals stay out of the kernel, where not every backend lowers them)."""
+    if isinstance(step, torch.Tensor):
+        n = step.reshape(()).to(torch.float64)
+        return torch.stack([1.0 - hp.beta1**n, torch.sqrt(1.0 - hp.beta2**n)])
+    return torch.tensor([1.0 - hp.beta1**step, (1.0 - hp.beta2**step) ** 0.5], dtype=torch.float64, device=device)
