@@ -318,7 +318,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
                 why = f"the batches cannot be replayed: {e}"
         if why:
             notes.append(f"compile and CUDA graphs off, eager steps: {why}")
-        elif graphs and (why := graphed.why_not_graphs(device, arena, plan.kind)):
+        elif graphs and (why := graphed.why_not_graphs(device, arena)):
             notes.append(f"CUDA graphs off: {why}")
             graphs = False
     if static is not None:

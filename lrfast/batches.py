@@ -120,6 +120,33 @@ def split(batch: Any) -> Split:
     )
 
 
+def stack_difference(items: list) -> str:
+    """'' when every item (a Split, or lists of them) has the structure, tensor shapes and dtypes and non-tensor
+    values of the first, so that the items can be stacked into one tensor per leaf; else the first difference."""
+    first, spec = pytree.tree_flatten(items[0])
+    for u, item in enumerate(items[1:], start=1):
+        leaves, other = pytree.tree_flatten(item)
+        if other != spec:
+            return f"batch {u} differs in structure from batch 0"
+        for a, b in zip(first, leaves):
+            if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or (
+                isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype)
+            ):
+                return f"batch {u} differs in shape or dtype from batch 0 (a short last batch?)"
+            if not isinstance(a, torch.Tensor) and a != b:
+                return f"batch {u} has a non-tensor value that differs from batch 0's ({b!r} vs {a!r})"
+    return ""
+
+
+def stack(items: list):
+    """Items of one structure (stack_difference(items) == '') -> one item of that structure whose tensors are the
+    items' stacked along a new dim 0 (non-tensor values are the first item's)."""
+    first, spec = pytree.tree_flatten(items[0])
+    columns = [pytree.tree_flatten(item)[0] for item in items]
+    return pytree.tree_unflatten([torch.stack([c[i] for c in columns]) if isinstance(x, torch.Tensor) else x
+                                  for i, x in enumerate(first)], spec)  # fmt: skip
+
+
 def check_consistent(splits: list[Split], name: str = "loader") -> None:
     """Before training: every cached batch must have the structure of batch 0 (the same positional / keyword inputs
     and target, nested alike) and, leaf by leaf, the same kind (tensor or not), dtype and number of dims; floating

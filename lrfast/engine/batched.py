@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
-from lrfast.batches import Split, resolve_loss
+from lrfast.batches import Split, resolve_loss, stack, stack_difference
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
 
@@ -99,7 +99,7 @@ class BatchedStep:
     def _vmap(self, item) -> torch.Tensor:
         params = dict(zip(self.names, self.p))
         if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
-            s = _stack(item)
+            s = stack(item)
             if self._vf_each is None:
                 dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None,
                                        (s.args, s.kwargs, s.target))  # fmt: skip
@@ -152,28 +152,10 @@ def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
 
 
-def _stack(splits: list[Split]) -> Split:
-    """K Splits of equal structure -> one Split whose tensors are stacked [K, ...] (non-tensors must be equal)."""
-    leaves, spec = pytree.tree_flatten((splits[0].args, splits[0].kwargs, splits[0].target))
-    columns = [pytree.tree_flatten((s.args, s.kwargs, s.target))[0] for s in splits]
-    stacked = [torch.stack([c[i] for c in columns]) if isinstance(x, torch.Tensor) else x
-               for i, x in enumerate(leaves)]  # fmt: skip
-    args, kwargs, target = pytree.tree_unflatten(stacked, spec)
-    return Split(args, kwargs, target)
-
-
 def stackable(splits: list[Split]) -> str:
-    """'' when every cached batch has the structure and tensor shapes of the first (so per-candidate batches can be
-    stacked for vmap), else why not."""
-    def sig(s):
-        leaves, spec = pytree.tree_flatten((s.args, s.kwargs, s.target))
-        return spec, [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves]
-
-    first = sig(splits[0])
-    for t, s in enumerate(splits[1:], start=1):
-        if sig(s) != first:
-            return f"batch {t} differs in structure or shape from batch 0 (a short last batch?): seeds run a loop"
-    return ""
+    """'' when the per-candidate batches can be stacked for vmap, else why not."""
+    why = stack_difference(splits)
+    return f"{why}: seeds run a loop" if why else ""
 
 
 def _check_first(loss: torch.Tensor) -> None:

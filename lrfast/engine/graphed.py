@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from lrfast.batches import stack, stack_difference
 from lrfast.engine import runner
 from lrfast.engine.arena import Arena
 from lrfast.engine.batched import is_oom
@@ -42,23 +43,11 @@ class StaticInputs:
     candidate its own batch: the input is then a list of K items)."""
 
     def __init__(self, items: list, index: torch.Tensor):
-        first, self.spec = pytree.tree_flatten(items[0])
-        columns = []
-        for u, item in enumerate(items):
-            leaves, spec = pytree.tree_flatten(item)
-            if spec != self.spec:
-                raise NotStatic(f"batch {u} differs in structure from batch 0")
-            for a, b in zip(first, leaves):
-                if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or (
-                    isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype)
-                ):
-                    raise NotStatic(f"batch {u} differs in shape or dtype from batch 0 (a short last batch?)")
-                if not isinstance(a, torch.Tensor) and a != b:
-                    raise NotStatic(f"batch {u} has a non-tensor value that differs from batch 0's ({b!r} vs {a!r})")
-            columns.append(leaves)
+        why = stack_difference(items)
+        if why:
+            raise NotStatic(why)
+        self.stacked, self.spec = pytree.tree_flatten(stack(items))
         self.index = index
-        self.stacked = [torch.stack([c[i] for c in columns]) if isinstance(x, torch.Tensor) else x
-                        for i, x in enumerate(first)]  # fmt: skip
         rows = index[0].reshape(-1)
         self.buffers = [x.index_select(0, rows).reshape(self._shape(x)) if isinstance(x, torch.Tensor) else x
                         for x in self.stacked]  # fmt: skip
@@ -84,12 +73,11 @@ class StaticInputs:
         return self.item
 
 
-def why_not_graphs(device: torch.device, arena: Arena, plan_kind: str) -> str:
-    """'' when the step can be captured in a CUDA graph, else why not."""
+def why_not_graphs(device: torch.device, arena: Arena) -> str:
+    """'' when a fused-optimizer step can be captured in a CUDA graph, else why not (a torch.optim-only optimizer
+    never gets here: it runs eagerly, api._why_eager)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (this run is on {device})"
-    if plan_kind == "generic":
-        return "the optimizer runs through torch.optim (not SGD/Adam/AdamW): its step reads LRs on the host"
     if arena.backend != "triton":
         return f"the fused optimizer is not the Triton kernel ({arena.why_not_triton})"
     return ""
