@@ -120,6 +120,8 @@ class Arena:
         if self.backend == "triton":
             from lrfast.kernels import triton_optim as kernel
 
+            if mask is not None:
+                mask = mask.to(torch.float32)  # once for all segments (the kernels read a float mask)
             for s in self.segments:
                 p, low = (s.p, None) if s.master is None else (s.master, s.p)
                 seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
