@@ -11,9 +11,11 @@ Contract (as lrfast/kernels/reference.py, except where said):
     low: optional bf16 / fp16 [K, N]: written with the updated p rounded to its dtype (bf16 weights with fp32
          master weights and moments: p is the master, low is what the model computes with)
 An effective LR of exactly 0 leaves that candidate's p, m, v, buf (and low) unchanged. Bias corrections are
-computed in fp64 from the step (by torch on the device for a device step); the element maths is fp32 with
-IEEE-rounded division and sqrt, so the result equals torch.optim (foreach=False) within fp32 rounding
-(tests/test_triton.py states the measured error).
+computed in fp64 from the step (by torch on the device for a device step). The element maths is fp32 and follows
+torch.optim's single-tensor ops and ATen's CPU kernels rounding by rounding: the multiply-adds ATen fuses (add with
+alpha, lerp's two branches, addcmul) are explicit tl.fma, division and sqrt are IEEE-rounded, nothing else is fused
+(tl.fma is exact whether or not the compiler contracts). The result equals lrfast._C's AVX2 build bitwise and
+torch.optim (foreach=False) within 1 ulp of the operands (torch's sqrt calls MKL on long rows).
 
 Triton is imported here only; `import lrfast` never needs it. With TRITON_INTERPRET=1 set before this module is
 imported, the kernels run on CPU tensors (slow: for tests)."""
@@ -93,11 +95,18 @@ if triton is not None:
         v = tl.load(v_ptr + row + offs, mask=live, other=0.0)  # other: no sqrt of garbage in masked lanes
         if HAS_WD:
             if DECOUPLED:
-                p = p * (1.0 - lr * wd).to(tl.float32)
+                p = p * (1.0 - lr * wd).to(tl.float32)  # param.mul_(1 - lr * wd)
             else:
-                g = g + wd.to(tl.float32) * p
-        m = m + (1.0 - beta1).to(tl.float32) * (g - m)  # torch's lerp(m, g, 1 - beta1) for a weight < 0.5
-        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+                g = tl.fma(p, wd.to(tl.float32), g)  # grad.add(param, alpha=wd)
+        # exp_avg.lerp_(grad, w = 1 - beta1) as ATen's lerp_vec: fma(w, g - m, m) for |w| < 0.5, else
+        # fma(w - 1, g - m, g), so that w = 1 (beta1 = 0) gives m = g exactly, as torch does
+        w = (1.0 - beta1).to(tl.float32)
+        if w < 0.5:
+            m = tl.fma(w, g - m, m)
+        else:
+            m = tl.fma(w - 1.0, g - m, g)
+        # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): ATen's addcmul is fma(value * g, g, self)
+        v = tl.fma((1.0 - beta2).to(tl.float32) * g, g, v * beta2.to(tl.float32))
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt.to(tl.float32)) + eps.to(tl.float32)
         p = p - tl.div_rn(step_size * m, denom)
         tl.store(p_ptr + row + offs, p, mask=live)
@@ -123,16 +132,17 @@ if triton is not None:
         p = tl.load(p_ptr + row + offs, mask=live)
         g = tl.load(g_ptr + row + offs, mask=live).to(tl.float32)
         if HAS_WD:
-            g = g + wd * p
+            g = tl.fma(p, wd, g)  # grad.add(param, alpha=wd)
         if MOMENTUM:
             buf = tl.load(buf_ptr + row + offs, mask=live)
-            buf = tl.where(step == 1, g, buf * momentum + one_minus_dampening * g)  # torch's first-step rule
+            # buf.mul_(momentum).add_(grad, alpha=1 - dampening); torch's first-step rule: buf = grad
+            buf = tl.where(step == 1, g, tl.fma(g, one_minus_dampening, buf * momentum))
             tl.store(buf_ptr + row + offs, buf, mask=live)
             if NESTEROV:
-                g = g + momentum * buf
+                g = tl.fma(buf, momentum, g)  # grad.add(buf, alpha=momentum)
             else:
                 g = buf
-        p = p - lr.to(tl.float32) * g
+        p = tl.fma(g, (-lr).to(tl.float32), p)  # param.add_(grad, alpha=-lr)
         tl.store(p_ptr + row + offs, p, mask=live)
         if HAS_LOW:
             tl.store(low_ptr + row + offs, p.to(low_ptr.dtype.element_ty), mask=live)
