@@ -10,33 +10,48 @@
 // spec. Where ATen's vectorized kernels use an FMA (add with alpha, lerp, addcmul) the AVX2/AVX-512 builds use one too;
 // elsewhere the file is compiled with -ffp-contract=off so that no other multiply-add is fused.
 //
-// Each kernel is compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at import from what the CPU
-// runs, as ATen picks its CPU capability, so the wheel stays portable (no -march). AVX2 is preferred over AVX-512:
+// On x86 each kernel is compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at import from what the
+// CPU runs, as ATen picks its CPU capability, so the wheel stays portable (no -march). Elsewhere (aarch64, ppc64le,
+// ...) one portable build serves ('default'), fused where the target has a fast fmaf (__FP_FAST_FMAF: aarch64), as
+// ATen's NEON / VSX Vectorized fmadd is. AVX2 is preferred over AVX-512:
 // same results lane for lane, and on the project's Xeon (AVX-512) it was 5-10 % faster in cache (AdamW 10k params,
 // one thread: 5.8 vs 6.4 us; 100k: 40 vs 44 us) and equal at 1M (memory-bound). LRFAST_CPU_ISA or set_isa() override.
 
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#define LRFAST_X86 1
+#else
+#define LRFAST_X86 0
+#endif
+
+#ifdef __FP_FAST_FMAF
+constexpr bool kDefaultFma = true;  // aarch64 and other targets with a hardware fmaf: ATen's Vectorized fmadd fuses
+#else
+constexpr bool kDefaultFma = false;  // x86-64 baseline: ATen's DEFAULT capability rounds a*b + c twice
 #endif
 
 namespace py = pybind11;
 
 namespace {
 
-// Below this many active elements (rows x N) one thread runs the step. Measured through cpu.adam_step (AdamW, 2 cores,
-// quiet machine), 1 vs 2 threads: 8192 elements 5.3 vs 5.3 us, 12288 7.1 vs 6.0, 16384 8.5 vs 6.8, 32768 15 vs 10.
-// Staying on one thread below that also keeps small steps clear of the ms stalls a 2-thread region takes when another
-// process holds the second core (seen on the shared machines: torch's fused AdamW at 10k params, 7 us -> 1-7 ms).
-constexpr int64_t kParallelMinElements = 1 << 14;
+// Threads: as many as torch.get_num_threads() (passed per call, so torch.set_num_threads governs lrfast too), each
+// taking at least kMinElementsPerThread elements of the flattened [active rows, N] space. Plain std::threads made
+// per call and joined: no second OpenMP pool beside torch's, nothing spinning between steps when other jobs share
+// the cores (libgomp's workers spin after a region: with it, K = 1 on the digits MLP went 0.64x -> 1.17x of a bare
+// torch loop's step when two other jobs shared the 2 cores), and nothing to go wrong across fork() (DataLoader
+// workers). A thread costs ~20-40 us to start and join here, so only large steps split (see kMinElementsPerThread).
+constexpr int64_t kMinElementsPerThread = 1 << 17;
+std::atomic<int> g_last_threads{0};  // threads of the last step that had work (tests: torch's thread count governs)
 // Thread ranges start on a multiple of 16 floats (64 B) of the flattened [active rows, N] space.
 constexpr int64_t kAlignElements = 16;
 
@@ -50,7 +65,7 @@ inline __attribute__((always_inline)) float madd(float a, float b, float c) {
   if constexpr (kFma) {
     return __builtin_fmaf(a, b, c);  // ATen's Vectorized fmadd on AVX2/AVX-512
   } else {
-    return a * b + c;  // ATen's DEFAULT capability: unfused
+    return a * b + c;  // ATen's DEFAULT capability on x86: unfused
   }
 }
 
@@ -186,20 +201,25 @@ using SgdSpanFn = void (*)(const SgdCall&, int64_t, int64_t, int64_t);
   }
 
 #define LRFAST_DEFAULT_TARGET
+#if LRFAST_X86
 #define LRFAST_AVX2_TARGET __attribute__((target("avx2,fma")))
 #define LRFAST_AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#endif
 
-LRFAST_DEFINE_SPANS(isa_default, LRFAST_DEFAULT_TARGET, false)
+LRFAST_DEFINE_SPANS(isa_default, LRFAST_DEFAULT_TARGET, kDefaultFma)
+#if LRFAST_X86
 LRFAST_DEFINE_SPANS(isa_avx2, LRFAST_AVX2_TARGET, true)
 LRFAST_DEFINE_SPANS(isa_avx512, LRFAST_AVX512_TARGET, true)
+#endif
 
 template <Wd kWd, bool kLerpSmall>
 AdamSpanFn pick_adam2(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return &isa_avx512::adam_span<kWd, kLerpSmall>;
-    case Isa::Avx2: return &isa_avx2::adam_span<kWd, kLerpSmall>;
-    default: return &isa_default::adam_span<kWd, kLerpSmall>;
-  }
+#if LRFAST_X86
+  if (isa == Isa::Avx512) return &isa_avx512::adam_span<kWd, kLerpSmall>;
+  if (isa == Isa::Avx2) return &isa_avx2::adam_span<kWd, kLerpSmall>;
+#endif
+  (void)isa;
+  return &isa_default::adam_span<kWd, kLerpSmall>;
 }
 
 template <Wd kWd>
@@ -209,11 +229,12 @@ AdamSpanFn pick_adam(Isa isa, bool lerp_small) {
 
 template <bool kWdOn, int kMom, bool kNesterov>
 SgdSpanFn pick_sgd3(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return &isa_avx512::sgd_span<kWdOn, kMom, kNesterov>;
-    case Isa::Avx2: return &isa_avx2::sgd_span<kWdOn, kMom, kNesterov>;
-    default: return &isa_default::sgd_span<kWdOn, kMom, kNesterov>;
-  }
+#if LRFAST_X86
+  if (isa == Isa::Avx512) return &isa_avx512::sgd_span<kWdOn, kMom, kNesterov>;
+  if (isa == Isa::Avx2) return &isa_avx2::sgd_span<kWdOn, kMom, kNesterov>;
+#endif
+  (void)isa;
+  return &isa_default::sgd_span<kWdOn, kMom, kNesterov>;
 }
 
 template <bool kWdOn>
@@ -227,6 +248,9 @@ SgdSpanFn pick_sgd2(Isa isa, int mom, bool nesterov) {
 // ISA selection.
 
 Isa widest_isa() {
+#if !LRFAST_X86
+  return Isa::Default;
+#else
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
@@ -234,6 +258,7 @@ Isa widest_isa() {
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
   return Isa::Default;
+#endif
 }
 
 const char* isa_name(Isa isa) {
@@ -269,29 +294,17 @@ void set_isa(const std::string& name) {
 // Partition: the active rows' elements, flattened, split into one contiguous range per thread.
 
 template <class Call, class SpanFn>
-void run_rows(const Call& call, SpanFn fn, const std::vector<int64_t>& rows) {
+void run_rows(const Call& call, SpanFn fn, const std::vector<int64_t>& rows, int64_t max_threads) {
   const int64_t n = call.n;
   const int64_t nrows = static_cast<int64_t>(rows.size());
   const int64_t total = nrows * n;
   if (total == 0) return;
-  int threads = 1;
-#ifdef _OPENMP
-  if (total >= kParallelMinElements) {
-    threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), total / (kParallelMinElements / 2)));
-  }
-#endif
-  if (threads <= 1) {
-    for (int64_t r = 0; r < nrows; ++r) fn(call, rows[r], 0, n);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    auto edge = [&](int64_t i) {
-      const int64_t x = total * i / nt;
-      return i == nt ? total : std::min(total, (x + kAlignElements - 1) / kAlignElements * kAlignElements);
-    };
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(max_threads, total / kMinElementsPerThread));
+  auto edge = [&](int64_t i) {
+    const int64_t x = total * i / nt;
+    return i == nt ? total : std::min(total, (x + kAlignElements - 1) / kAlignElements * kAlignElements);
+  };
+  auto work = [&](int64_t t) {
     int64_t e = edge(t);
     const int64_t hi = edge(t + 1);
     while (e < hi) {
@@ -300,8 +313,13 @@ void run_rows(const Call& call, SpanFn fn, const std::vector<int64_t>& rows) {
       fn(call, rows[r], b, end);
       e += end - b;
     }
-  }
-#endif
+  };
+  g_last_threads.store(static_cast<int>(nt), std::memory_order_relaxed);
+  std::vector<std::thread> helpers;
+  helpers.reserve(static_cast<size_t>(nt - 1));
+  for (int64_t t = 1; t < nt; ++t) helpers.emplace_back(work, t);
+  work(0);  // this thread takes the first range
+  for (auto& h : helpers) h.join();
 }
 
 std::vector<int64_t> active_rows(const double* lr, int64_t k) {
@@ -327,7 +345,8 @@ void check_sizes(int64_t k, int64_t n, int64_t step) {
 // Entry points.
 
 void adam_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, std::uintptr_t lr, int64_t k,
-               int64_t n, int64_t step, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+               int64_t n, int64_t step, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+               int64_t threads) {
   check_sizes(k, n, step);
   const double* lrs = ptr<const double>(lr);
   const Wd wd_mode = weight_decay == 0.0 ? Wd::None : (decoupled ? Wd::Decoupled : Wd::L2);
@@ -360,11 +379,11 @@ void adam_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t m, std::uintpt
   AdamSpanFn fn = wd_mode == Wd::None ? pick_adam<Wd::None>(isa, sc.lerp_small)
                   : wd_mode == Wd::L2 ? pick_adam<Wd::L2>(isa, sc.lerp_small)
                                       : pick_adam<Wd::Decoupled>(isa, sc.lerp_small);
-  run_rows(call, fn, rows);
+  run_rows(call, fn, rows, threads);
 }
 
 void sgd_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t buf, std::uintptr_t lr, int64_t k, int64_t n,
-              int64_t step, double momentum, double dampening, bool nesterov, double weight_decay) {
+              int64_t step, double momentum, double dampening, bool nesterov, double weight_decay, int64_t threads) {
   check_sizes(k, n, step);
   if (momentum != 0.0 && buf == 0 && k * n != 0) throw py::value_error("momentum != 0 needs a momentum buffer");
   const double* lrs = ptr<const double>(lr);
@@ -382,7 +401,7 @@ void sgd_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t buf, std::uintp
   for (int64_t r : rows) neg_lr[r] = static_cast<float>(-lrs[r]);
   const SgdCall call{ptr<float>(p), ptr<const float>(g), mom ? ptr<float>(buf) : nullptr, n, sc, neg_lr.data()};
   SgdSpanFn fn = weight_decay != 0.0 ? pick_sgd2<true>(isa, mom, nesterov) : pick_sgd2<false>(isa, mom, nesterov);
-  run_rows(call, fn, rows);
+  run_rows(call, fn, rows, threads);
 }
 
 }  // namespace
@@ -397,14 +416,15 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def("adam_step", &adam_step, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"),
           py::arg("k"), py::arg("n"), py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-          py::arg("weight_decay"), py::arg("decoupled"),
-          "One Adam/AdamW step on fp32 [k, n] buffers at the given addresses; lr: float64 [k]. Rows with lr == 0 are "
-          "left untouched. No checks: call through lrfast.kernels.cpu.adam_step.");
+          py::arg("weight_decay"), py::arg("decoupled"), py::arg("threads"),
+          "One Adam/AdamW step on fp32 [k, n] buffers at the given addresses; lr: float64 [k]; at most `threads` "
+          "threads. Rows with lr == 0 are left untouched. No checks: call through lrfast.kernels.cpu.adam_step.");
   mod.def("sgd_step", &sgd_step, py::arg("p"), py::arg("g"), py::arg("buf"), py::arg("lr"), py::arg("k"),
           py::arg("n"), py::arg("step"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
-          py::arg("weight_decay"),
+          py::arg("weight_decay"), py::arg("threads"),
           "One SGD step on fp32 [k, n] buffers at the given addresses (buf = 0 when momentum == 0); lr: float64 "
-          "[k]. Rows with lr == 0 are left untouched. No checks: call through lrfast.kernels.cpu.sgd_step.");
+          "[k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through "
+          "lrfast.kernels.cpu.sgd_step.");
   mod.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction set the kernels run with now.");
   mod.def(
       "supported_isas",
@@ -417,13 +437,11 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_isa", &set_isa, py::arg("name"),
           "Pick 'default' (x86-64 baseline), 'avx2' or 'avx512' (tests and benchmarks; env LRFAST_CPU_ISA at import).");
   mod.def(
-      "num_threads",
-      []() {
-#ifdef _OPENMP
-        return omp_get_max_threads();
-#else
-        return 1;
-#endif
+      "threads_for", [](int64_t active_elements, int64_t max_threads) {
+        return std::max<int64_t>(1, std::min<int64_t>(max_threads, active_elements / kMinElementsPerThread));
       },
-      "Threads a large step uses (OpenMP's max threads; torch.set_num_threads sets it when the runtime is shared).");
+      py::arg("active_elements"), py::arg("max_threads"),
+      "How many threads a step over this many active elements (live rows x N) runs with, given max_threads.");
+  mod.def("last_threads", []() { return g_last_threads.load(std::memory_order_relaxed); },
+          "How many threads the last step with work ran with.");
 }

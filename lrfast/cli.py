@@ -46,9 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrfast", description="A learning-rate range test fast enough to be free.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="LeNet-5 + Adam on bundled digits (28x28): the seed workload, in seconds")
+    demo = sub.add_parser("demo", help="LeNet-5 + Adam on bundled digits (28x28): the seed workload, in seconds",
+                          description="The seed workload: LeNet-5, Adam, batch 64, LR 1e-8 -> 1 over 100 steps, on "
+                          "scikit-learn's bundled digits upscaled to 28x28 (no download; needs scikit-learn: pip "
+                          "install 'lrfast[demo]'), or on (Fashion-)MNIST IDX files with --data. Writes lr_find.png "
+                          "and lr_find.json into --out.")  # fmt: skip
     demo.add_argument("--data", default=None, help="folder with (Fashion-)MNIST IDX files to use instead")
-    demo.add_argument("--out", default=".", help="where lr_find.png and lr_find.json go (default: current folder)")
+    demo.add_argument("--out", default=".", help="where lr_find.png and lr_find.json go, created if missing "
+                      "(default: current folder)")  # fmt: skip
     demo.add_argument("--batch-size", type=int, default=64, help="(default %(default)s)")
     _range_options(demo, 1e-8, 1.0, "adam")
 
@@ -57,10 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                           "returning (model, loader), (model, loader, loss_fn) or a dict with keys model, loader "
                           "and optionally loss_fn / optimizer. The options are those of lrfast.find.")  # fmt: skip
     find.add_argument("target", help="MODULE:FUNCTION (the module importable from the current folder)")
-    find.add_argument("--out", default=None, help="write lr_find.png and lr_find.json into this folder")
+    find.add_argument("--out", default=None, help="write lr_find.png and lr_find.json into this folder (created if "
+                      "missing)")  # fmt: skip
     _range_options(find, 1e-7, 10.0, "adamw")
 
-    bench = sub.add_parser("bench", help="benchmarks side by side with the peers (needs a checkout of the repo)")
+    bench = sub.add_parser("bench", help="benchmarks side by side with the peers (needs a checkout of the repo)",
+                           description="Runs the benchmark suite (benchmarks/ in lrfast's source repository, not in "
+                           "the installed package) from the checkout lrfast is installed from (pip install -e).")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
 
     sub.add_parser("info", help="which backends are live, and why any is not")
@@ -157,8 +165,12 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
     from lrfast.distributed import DistributedError
 
     rank = _rank()  # only rank 0 checks --out, prints and writes (other nodes may not have the folder)
-    if rank == 0 and out is not None and not os.path.isdir(out):
-        raise SystemExit(f"lrfast: --out {out!r} is not a folder; create it or pass an existing one")
+    if rank == 0 and out is not None:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"lrfast: --out {out!r} cannot be created ({e.strerror}); pass a folder you can write "
+                             "to") from e  # fmt: skip
     if rank == 0 and out is not None and not os.access(out, os.W_OK):
         raise SystemExit(f"lrfast: --out {out!r} is not writable; pass a folder you can write to")
     try:
@@ -203,12 +215,19 @@ def _fmt(x) -> str:
 
 
 def _bench(argv: list[str]) -> int:
-    sys.path.insert(0, os.getcwd())
-    try:
-        from benchmarks import compare
-    except ImportError as e:
-        raise SystemExit(f"lrfast bench: the benchmark suite ships with the repository, not the package ({e}); run "
-                         "it from a checkout: cd lrfast && lrfast bench") from e  # fmt: skip
+    """The suite lives in the source tree next to the lrfast package (an editable install, or python -m from a
+    checkout): found from lrfast's own location, never from the current folder (a user's own `benchmarks`)."""
+    import lrfast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lrfast.__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "compare.py")):
+        raise SystemExit(f"lrfast bench: the benchmark suite is not installed with the package (lrfast is imported "
+                         f"from {os.path.dirname(lrfast.__file__)}); it lives in benchmarks/ of lrfast's source "
+                         "repository: clone it, pip install -e '.[bench]', then run lrfast bench (or python -m "
+                         "benchmarks) in the checkout")  # fmt: skip
+    sys.path.insert(0, root)
+    from benchmarks import compare
+
     return compare.main(argv) or 0
 
 

@@ -51,9 +51,37 @@ def test_find_with_a_bad_target_exits_with_a_message(target):
         main(["find", target])
 
 
-def test_unwritable_out_is_refused_before_training(tmp_path):
-    with pytest.raises(SystemExit, match="--out"):
-        main(["demo", "--out", str(tmp_path / "missing"), "--no-progress"])
+def test_out_folder_is_created_when_missing(tmp_path, capsys):
+    out = tmp_path / "results" / "run1"
+    assert main(["demo", "--out", str(out), "--no-progress", "--steps", "5"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]
+
+
+def test_out_that_cannot_be_created_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--out .* cannot be created"):
+        main(["demo", "--out", str(tmp_path / "afile" / "sub"), "--no-progress"])
+    assert "suggested" not in capsys.readouterr().out
+
+
+def test_demo_help_describes_the_workload_and_the_demo_extra(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "LeNet-5" in text and "lrfast[demo]" in text and "--data" in text
+
+
+def test_bench_outside_a_checkout_says_where_the_suite_lives(tmp_path, monkeypatch):
+    """Installed from a wheel, lrfast has no benchmarks/ beside it; the current folder is never searched (it may
+    hold a user's own `benchmarks` package)."""
+    import lrfast
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "compare.py").write_text("raise RuntimeError('the wrong suite was imported')")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lrfast, "__file__", str(tmp_path / "site-packages" / "lrfast" / "__init__.py"))
+    with pytest.raises(SystemExit, match="benchmarks/ of lrfast's source repository"):
+        main(["bench"])
 
 
 def test_info_prints_backends(capsys):

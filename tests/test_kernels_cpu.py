@@ -322,10 +322,11 @@ def test_backend_says_why_it_is_not_cpp():
 
 
 @pytest.mark.parametrize("opt", ["sgd_nesterov", "adamw"])
-@pytest.mark.parametrize("k, n", [(1, 100_003), (3, 20_001), (16, 4097)])
+@pytest.mark.parametrize("k, n", [(1, 300_007), (3, 150_001), (16, 40_009)])
 def test_threaded_split_equals_one_thread(opt, k, n):
     """The C++ kernels split the live rows' elements over threads (cut mid-row, frozen rows left out): with 2
-    threads every element must be updated exactly once, i.e. bitwise as with 1 thread."""
+    threads every element must be updated exactly once, i.e. bitwise as with 1 thread. The sizes give each of 2
+    threads more than the 2^17 elements a thread needs (8 live rows x 40,009 = 320,072)."""
     if cpu.BACKEND != "cpp":
         pytest.skip(f"C++ kernels not available: {cpu.WHY}")
     gen = torch.Generator().manual_seed(11)
@@ -337,14 +338,35 @@ def test_threaded_split_equals_one_thread(opt, k, n):
     lr[1::2] = 0.0
     results = []
     for threads in (1, 2):
-        torch.set_num_threads(threads)  # OpenMP's max threads: lrfast._C shares torch's libgomp
+        torch.set_num_threads(threads)  # passed to lrfast._C per call
         try:
             p, state = p0.clone(), {key: t.clone() for key, t in state0.items()}
             for s in (1, 2):
                 _step(cpu.sgd_step, cpu.adam_step, p, g, state, lr, s, hp)
+                assert cpu._C.last_threads() == threads
             results.append({"p": p, **state})
         finally:
             torch.set_num_threads(1)
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
     assert not torch.equal(results[0]["p"][0], p0[0])
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2, 3])
+def test_cpu_kernel_threads_follow_torch_num_threads(torch_threads):
+    """lrfast._C runs no thread pool of its own: a large step takes torch.get_num_threads() threads (each with at
+    least 2^17 elements), a small one a single thread, so torch.set_num_threads(1) governs lrfast too."""
+    if cpu.BACKEND != "cpp":
+        pytest.skip(f"C++ kernels not available: {cpu.WHY}")
+    hp = AdamParams(weight_decay=0.01, decoupled=True)
+    for n, want in ((1 << 20, torch_threads), (1000, 1), (3 << 17, min(torch_threads, 3))):
+        p, g, m, v = torch.zeros(1, n), torch.ones(1, n), torch.zeros(1, n), torch.zeros(1, n)
+        torch.set_num_threads(torch_threads)
+        try:
+            cpu.adam_step(p, g, m, v, torch.full((1,), 1e-3, dtype=torch.float64), 1, hp)
+        finally:
+            torch.set_num_threads(1)
+        assert cpu._C.last_threads() == want == cpu._C.threads_for(n, torch_threads)
+        one = [torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1)]
+        reference.adam_step(*one, torch.full((1,), 1e-3, dtype=torch.float64), 1, hp)
+        assert torch.equal(p, one[0].expand(1, n))  # every element updated, once

@@ -42,6 +42,7 @@ _F64 = torch.float64
 # directly; at 10k params the whole C++ AdamW step is ~6 us (torch.optim.AdamW(fused=True).step() ~30 us). Any test
 # failing, including an AttributeError from a non-tensor, sends the call to the reference, which checks again and
 # raises a clear error, or runs (fp64, CUDA). Tensors must not overlap (the kernel assumes restrict pointers).
+# Threads: torch.get_num_threads() is passed per call (~0.05 us), so torch.set_num_threads governs lrfast's kernels.
 
 
 def _c_ready(lr, step, shape, *tensors) -> bool:
@@ -63,7 +64,7 @@ def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
         if type(hp) is SGDParams and (state or not with_buf) and _c_ready(lr, step, p.shape, p, g, *state):
             _C.sgd_step(
                 p.data_ptr(), g.data_ptr(), buf.data_ptr() if with_buf else 0, lr.data_ptr(), p.shape[0], p.shape[1],
-                step, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay,
+                step, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay, torch.get_num_threads(),
             )  # fmt: skip
             return
     except AttributeError:
@@ -78,7 +79,7 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams) -> None:
         if type(hp) is AdamParams and _c_ready(lr, step, p.shape, p, g, m, v):
             _C.adam_step(
                 p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p.shape[1], step,
-                hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled,
+                hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled, torch.get_num_threads(),
             )  # fmt: skip
             return
     except AttributeError:
