@@ -3,7 +3,9 @@ training flags and the torch / CUDA / numpy / python RNG states. Restored in a `
 Ctrl-C leaves them bitwise as they were.
 
 Nothing is copied back: during the run the model's parameters point into the arena and its buffers into private
-clones; restoring points them back at the original tensors, which were never written."""
+clones; restoring points them back at the original tensors, which were never written, and puts the very same
+Parameter and buffer objects back into every module slot that held them (a module registered under two names, tied
+weights), whatever happened inside: tests check this with `is`."""
 
 from __future__ import annotations
 
@@ -41,12 +43,47 @@ def seed_all(seed: int) -> None:
 _RUN_LOCK = threading.RLock()
 
 
+class Slots:
+    """Every place a model holds a parameter or a buffer: (the module's _parameters / _buffers dict, name, tensor),
+    one entry per module and name. A module registered under two names is one module (one dict), and a weight tied
+    between two modules is one tensor in two dicts, so swapping by the tensor's identity swaps every alias at once.
+
+    torch.func.functional_call is not used: with a module registered twice it swaps the aliases one after the other
+    and restores the wrong tensor (the model is left holding a plain Tensor instead of the user's Parameter, and
+    the user's optimizer silently stops updating it); with both names passed it refuses them as tied."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [(m._parameters, n, t) for m in model.modules() for n, t in m._parameters.items() if t is not None]
+        self.buffers = [(m._buffers, n, t) for m in model.modules() for n, t in m._buffers.items() if t is not None]
+
+    def call(self, module: nn.Module, params: dict[int, torch.Tensor], buffers: dict[int, torch.Tensor], args: tuple,
+             kwargs: dict):
+        """module(*args, **kwargs) with each slot holding tensor t holding params[id(t)] (buffers[id(t)]) instead,
+        where given; afterwards, also on an exception, every slot holds its original object again. (try/finally,
+        not a context manager: torch.compile traces it.)"""
+        try:
+            for d, name, t in self.params:
+                if id(t) in params:
+                    d[name] = params[id(t)]
+            for d, name, t in self.buffers:
+                if id(t) in buffers:
+                    d[name] = buffers[id(t)]
+            return module(*args, **kwargs)
+        finally:
+            self.put_back()
+
+    def put_back(self) -> None:
+        for d, name, t in self.params + self.buffers:
+            d[name] = t
+
+
 class Snapshot:
     """Taking one holds the process-wide run lock until restore()."""
 
     def __init__(self, model: nn.Module):
         _RUN_LOCK.acquire()
         try:
+            self.slots = Slots(model)
             self.params = [(p, p.data, p.grad) for p in model.parameters()]
             self.buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
             self.training = [(m, m.training) for m in model.modules()]
@@ -64,8 +101,9 @@ class Snapshot:
             for p, data, grad in zip(seg.params, seg.views(seg.p, 0), seg.views(seg.g, 0)):
                 p.data = data
                 p.grad = grad
+        clones: dict[int, torch.Tensor] = {}  # one clone per buffer object: a buffer shared by two modules stays shared
         for m, name, b in self.buffers:
-            m._buffers[name] = b.detach().to(device, copy=True)
+            m._buffers[name] = clones.setdefault(id(b), b.detach().to(device, copy=True))
 
     def unlend(self) -> None:
         """Point the parameters back at the user's tensors (never written), e.g. before the next chunk's arena
@@ -78,12 +116,11 @@ class Snapshot:
         try:
             for m, flag in self.training:
                 m.training = flag
+            self.slots.put_back()  # the very objects, in every slot (aliases, tied weights), whatever happened inside
             for p, data, grad in self.params:
                 p.grad = None
                 p.data = data
                 p.grad = grad
-            for m, name, b in self.buffers:
-                m._buffers[name] = b
             restore_rng(self.rng)
         finally:
             _RUN_LOCK.release()

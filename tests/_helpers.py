@@ -33,11 +33,22 @@ def state_of(model: nn.Module) -> dict:
         "training": [m.training for m in model.modules()],
         "ids": [id(p) for p in model.parameters()],
         "ptrs": [p.data_ptr() for p in model.parameters()],
+        "slots": slots_of(model),
     }
+
+
+def slots_of(model: nn.Module) -> list:
+    """(module, kind, name, the object itself) for every parameter and buffer slot of every module: aliases (a
+    module registered twice, tied weights) show up as the same object in several slots."""
+    return [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items()]  # fmt: skip
 
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a["ids"] == b["ids"] and a["ptrs"] == b["ptrs"] and a["training"] == b["training"]
+    assert len(a["slots"]) == len(b["slots"])
+    for (m, kind, name, t), (m2, kind2, name2, t2) in zip(a["slots"], b["slots"]):
+        assert m is m2 and kind == kind2 and name == name2 and t is t2, f"{kind} {name} is not the same object"
     for key in ("params", "buffers"):
         assert a[key].keys() == b[key].keys()
         for n in a[key]:

@@ -1,9 +1,9 @@
-"""Forward and backward of K > 1 candidates in one call: torch.func.functional_call over the arena's stacked
+"""Forward and backward of K > 1 candidates in one call: the model called with its parameter slots holding the arena's stacked
 parameter views [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the
 gradients are copied into the arena's flat grad buffer for the fused optimizer. Where vmap cannot serve a model
 (data-dependent control flow, .item(), unstackable batches...) a per-candidate loop of functional_call +
 autograd.grad runs instead; `mode` and `why` say which ran and why. The user's model is never written: its
-parameters and buffers are only swapped for the call (functional_call restores them, also on an exception).
+parameters and buffers are only swapped for the call (state.Slots: every alias, put back also on an exception).
 
 Randomness (dropout): "same" gives every candidate the same masks at a step (grid: a candidate's curve does not
 depend on K); "different" gives each its own, all drawn from the one global generator, so candidate k's masks
@@ -15,12 +15,13 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
 from lrfast.batches import Split, resolve_loss, stack, stack_difference
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
+from lrfast.state import Slots
 
 
 class BatchedStep:
@@ -31,6 +32,7 @@ class BatchedStep:
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for seg in arena.segments for p in seg.params]
+        self.slots, self.ids = Slots(model), _ids_by_name(model)
         self.p = [v for seg in arena.segments for v in seg.stacked(seg.p)]
         self.g = [v for seg in arena.segments for v in seg.stacked(seg.g)]
         self.buffers = _clone_buffers(model, arena.k)
@@ -82,10 +84,16 @@ class BatchedStep:
     def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target) -> torch.Tensor:
         split = Split(args, kwargs, target)
         with autocast(self.arena.device, self.precision):
-            out = functional_call(self.model, {**params, **buffers}, args, kwargs)
+            out = self._call(params, buffers, args, kwargs)
             if self.loss_f is None:
                 self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
             return self.loss_f(out, split).float()
+
+    def _call(self, params: dict, buffers: dict, args: tuple, kwargs: dict):
+        """The model with these parameters and buffers (by name) in every slot that holds them."""
+        ids = self.ids
+        return self.slots.call(self.model, {ids[n]: t for n, t in params.items()},
+                               {ids[n]: t for n, t in buffers.items()}, args, kwargs)  # fmt: skip
 
     def _scaled_loss(self, params, buffers, args, kwargs, target, scale) -> torch.Tensor:
         """The loss times the candidate's fp16 loss scale (1 without one): a power of two, so loss / scale is exact."""
@@ -122,8 +130,7 @@ class BatchedStep:
             leaves = [p[k].detach().requires_grad_() for p in self.p]
             buffers = {n: b[k] for n, b in self.buffers.items()}
             with autocast(self.arena.device, self.precision):
-                out = functional_call(self.model, {**dict(zip(self.names, leaves)), **buffers}, split.args,
-                                      split.kwargs)  # fmt: skip
+                out = self._call(dict(zip(self.names, leaves)), buffers, split.args, split.kwargs)
                 if self.loss_f is None:
                     self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
                 loss = self.loss_f(out, split)
@@ -146,6 +153,11 @@ def is_oom(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _ids_by_name(model: nn.Module) -> dict[str, int]:
+    """Parameter and buffer names (each tensor's first name, as named_parameters gives it) -> the tensor's id."""
+    return {n: id(t) for named in (model.named_parameters(), model.named_buffers()) for n, t in named}
 
 
 def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
@@ -184,8 +196,10 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
+    ids = _ids_by_name(model)
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = functional_call(model, {**leaves, **buffers}, split.args, split.kwargs)
+        out = Slots(model).call(model, {ids[n]: t for n, t in leaves.items()},
+                                {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # fmt: skip
         loss_f, _ = resolve_loss(loss_fn, out, split)
         loss = loss_f(out, split)
     grads = sum(v.nbytes for v in leaves.values())
