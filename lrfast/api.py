@@ -261,9 +261,13 @@ def find(
     if "steps" not in engine_time:
         timings["steps"] = t_steps - t_setup
     timings["total"] = time.perf_counter() - t0
-    return LRFindResult(table, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info,
-                        strategy=strategy, tolerance=float(tolerance),
-                        val_losses=val_losses if val_loader is not None else None, on=on)  # fmt: skip
+    result = LRFindResult(table, losses, smoothed, steps_run, method=suggestion, timings=timings, info=info,
+                          strategy=strategy, tolerance=float(tolerance),
+                          val_losses=val_losses if val_loader is not None else None, on=on)  # fmt: skip
+    why = result.why_no_suggestion()
+    if why:
+        info["notes"].append(why)
+    return result
 
 
 def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, device, smooth, threshold, bar,

@@ -223,6 +223,13 @@ def resolve_loss(loss_fn: Callable | None, output: Any, batch: Split) -> tuple[L
     if isinstance(output, Mapping) and output.get("loss") is not None:
         return (lambda out, b: out["loss"]), 'output["loss"]'
     target = batch.target
+    if target is None and batch.kwargs and not batch.args:  # a dict batch: model(**batch), nothing else to compare
+        raise ValueError(
+            f"loss_fn=None: the batch is a dict (keys {', '.join(map(str, batch.kwargs))}) and the model's output "
+            f"({type(output).__name__}) has no .loss / ['loss']; a Hugging Face model computes its loss when the "
+            "batch has 'labels' (add them, e.g. labels=input_ids for a causal LM), or pass "
+            "loss_fn=lambda output, batch: ..."
+        )
     if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor):
         got = f"output {type(output).__name__}, target {type(target).__name__}"
         raise ValueError(

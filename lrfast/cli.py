@@ -199,6 +199,9 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
         print(f"suggested LR ({result.method}{', median' if interval else ''}): {_fmt(result.suggestion)}{around}")
         others = ", ".join(f"{m} {_fmt(v)}" for m, v in result.suggestions().items() if m != result.method)
         print(f"other methods{' (replica 0)' if result.k > 1 else ''}: {others}")
+    why = result.why_no_suggestion()
+    if why:
+        print(why)
     print(f"steps run: {result.steps_run}/{args.steps}  time: total {t['total']:.2f} s (setup {t['setup']:.2f} s, "
           f"steps {t['steps']:.2f} s, {1e3 * t['steps'] / max(result.steps_run, 1):.2f} ms/step)  "
           f"optimizer: {result.info['optimizer']} ({result.info['optimizer_path']}), forward: {result.info['forward']}")

@@ -67,6 +67,43 @@ class LRFindResult:
             return strategies.median_interval(self.replica_suggestions()[self.method])[0]
         return self.suggest(self.method)
 
+    def why_no_suggestion(self) -> str | None:
+        """None when there is a suggestion; else why there is none and what to change (find() puts this in
+        info["notes"]; the CLI prints it; the Lightning callback warns with it)."""
+        if self.suggestion is not None:
+            return None
+        total = self.lrs.shape[1]
+        stopped = (f"the run stopped at step {self.steps_run} of {total}, where the smoothed loss passed "
+                   "early_stop_threshold x its best or was not finite" if self.steps_run < total
+                   else f"the run recorded {total} steps")  # fmt: skip
+        if self.strategy == "grid":
+            return (f"no suggestion: every grid candidate diverged or stopped early ({stopped}), so no score is "
+                    "finite; lower max_lr (or pass smaller lrs=[...]), or raise early_stop_threshold")  # fmt: skip
+        if self.on == "val":
+            lrs, val = self._val_columns()
+            recorded = int(np.isfinite(val).sum(axis=1).max()) if val.size else 0
+            what = f"{recorded} validation point(s) (every val_every steps)"
+            total = lrs.shape[1]
+        else:
+            recorded = int(np.isfinite(self.smoothed).sum(axis=1).max())
+            what = f"{recorded} finite point(s)"
+        need, cut = _suggest.points_needed(self.method, total)
+        median = " for any replica (seeds: the median of their suggestions)" if self.strategy == "seeds" else ""
+        fixes = []
+        if self.steps_run < self.lrs.shape[1]:
+            fixes += ["start lower (min_lr smaller than where the loss blows up)",
+                      "raise early_stop_threshold (or None) if a noisy first loss tripped it",
+                      "smooth more (smooth closer to 1) for noisy losses"]  # fmt: skip
+        else:
+            fixes += [f"run more steps (steps >= {max(need, 2 * need - recorded)})"]
+        if self.on == "val":
+            fixes.append("score the validation set more often (smaller val_every)")
+        fewer = [f"{m} ({n})" for m in _suggest.METHODS if (n := _suggest.points_needed(m, total)[0]) < need]
+        if fewer:
+            fixes.append(f"or pick a method that needs fewer points: {', '.join(fewer)}")
+        return (f"no suggestion{median}: {stopped}, leaving {what}, and suggestion={self.method!r} needs at least "
+                f"{need} on a {total}-point curve ({cut}); to get one: {'; '.join(fixes)}")
+
     @property
     def interval(self) -> tuple[float, float] | None:
         """seeds: the 10th-90th percentile of the replicas' suggestions by `method`; None for other strategies."""
@@ -144,6 +181,7 @@ class LRFindResult:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1, default=_jsonable)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; any other file the user writes follows the umask
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -185,6 +223,12 @@ class LRFindResult:
         return (f"LRFindResult(suggestion={sug} ({self.method}), strategy={self.strategy}, "
                 f"candidates={self.k}, steps_run={self.steps_run}, "
                 f"total={self.timings.get('total', float('nan')):.2f}s)")  # fmt: skip
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _nan_to_none(a: np.ndarray) -> list:

@@ -44,6 +44,11 @@ def check(strategy, candidates, lrs, tolerance) -> int:
         candidates = {"sweep": 1, "seeds": 8, "grid": 8}[strategy]
     if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1:
         raise ValueError(f"candidates={candidates!r} must be an integer >= 1; e.g. candidates=8")
+    if strategy == "grid" and lrs is None and candidates == 1:
+        raise ValueError(
+            "candidates=1 with strategy='grid': a grid of one LR log-spaced from min_lr to max_lr is max_lr alone, "
+            "and a grid compares LRs; pass candidates >= 2, or lrs=[lr] to train one fixed LR of your choice"
+        )
     if strategy == "sweep" and candidates > 1:
         raise ValueError(
             f"candidates={candidates} with strategy='sweep': K identical sweeps would give K identical curves; use "

@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "METHODS",
     "all_methods",
+    "points_needed",
     "minimum",
     "slide",
     "steep",
@@ -171,6 +172,24 @@ METHODS: dict[str, Callable[..., float | None]] = {
     "minimum": minimum,
     "steep": steep,
 }
+
+
+def points_needed(method: str, steps: int) -> tuple[int, str]:
+    """(the fewest recorded points of a `steps`-step curve with which `method`, default options, can answer; the
+    peer's cut that sets it). Fewer finite points than that always give None."""
+    fastai = steps // 10 + 5  # fastai cuts [num_it // 10 : -5]
+    need = {
+        "steepest": (13, "Lightning drops the first 10 and the last point, then needs 2"),
+        "steepest_log": (13, "Lightning drops the first 10 and the last point, then needs 2"),
+        "torch_lr_finder": (17, "torch-lr-finder drops the first 10 and the last 5, then needs 2"),
+        "valley": (fastai + 1, "fastai drops the first 10 % of the steps and the last 5"),
+        "minimum": (fastai + 1, "fastai drops the first 10 % of the steps and the last 5"),
+        "steep": (fastai + 2, "fastai drops the first 10 % of the steps and the last 5, then needs 2"),
+        "slide": (fastai + 16, "fastai drops the first 10 % of the steps and the last 5, then slides a window of 15"),
+    }
+    if method not in need:
+        raise ValueError(f"suggestion method={method!r} is not a known method; use one of: {', '.join(METHODS)}")
+    return need[method]
 
 
 def suggest(method: str, lrs, losses, **options) -> float | None:

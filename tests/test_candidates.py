@@ -203,6 +203,7 @@ def test_k_candidates_leave_model_unchanged_after_keyboard_interrupt():
         (dict(lrs=[1e-3], candidates=3, strategy="grid"), "candidates=3 but lrs has 1"),
         (dict(tolerance=-1, strategy="grid"), "tolerance=-1"),
         (dict(max_memory=0, strategy="grid"), "max_memory=0 must be a positive number"),
+        (dict(candidates=1, strategy="grid"), "candidates=1 with strategy='grid'.*lrs=\\[lr\\]"),
     ],
 )
 def test_bad_candidate_arguments_raise_before_training(kwargs, match):

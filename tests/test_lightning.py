@@ -138,13 +138,41 @@ def test_datamodule_is_set_up_and_module_dataloader_used():
 
 def test_first_optimizer_accepts_every_configure_optimizers_form():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    forms = [opt, [opt, other], (opt,), ([opt], [sched]), {"optimizer": opt, "lr_scheduler": sched},
-             [{"optimizer": opt}, {"optimizer": other}]]  # fmt: skip
+    forms = [opt, [opt], (opt,), ([opt], [sched]), {"optimizer": opt, "lr_scheduler": sched}, [{"optimizer": opt}]]
     assert all(lrl.first_optimizer(f) is opt for f in forms)
     with pytest.raises(ValueError, match="optimizer"):
         lrl.first_optimizer(None)
+
+
+def test_several_optimizers_are_refused_as_lightning_refuses_them_under_automatic_optimization():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    other = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for conf in ([opt, other], ([opt, other], []), [{"optimizer": opt}, {"optimizer": other}]):
+        with pytest.raises(ValueError, match=r"returned 2 optimizers \(SGD, Adam\).*pass optimizer="):
+            lrl.first_optimizer(conf)
+
+
+def test_train_dataloader_hook_drawing_random_data_leaves_the_rng_unchanged():
+    """module.train_dataloader() runs outside lrfast.find's snapshot; the entry point puts the RNGs back too."""
+    module = LitMLP()
+
+    def random_loader():
+        ds = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))  # draws from the global RNG
+        return DataLoader(ds, batch_size=16, shuffle=True)
+
+    module.train_dataloader = random_loader
+    before = rng_states()
+    lrl.find(module, steps=STEPS, progress=False)
+    assert_same_rng(before, rng_states())
+
+
+def test_no_suggestion_is_explained_and_the_lr_is_kept_with_a_warning():
+    module = LitMLP()
+    with pytest.warns(UserWarning, match="the learning rate is left as it was: no suggestion: the run stopped at step"):
+        res = lrl.find(module, train_dataloaders=loader(), steps=STEPS, min_lr=50, max_lr=100, progress=False)
+    assert res.suggestion is None and module.lr == 1e-3
+    assert any(n.startswith("no suggestion") and "min_lr" in n for n in res.info["notes"])
 
 
 class _LRAtFirstStep(pl.Callback):

@@ -8,6 +8,7 @@ and the RNG bitwise. Lightning is imported here, never by `import lrfast`."""
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from lrfast.api import find as _find
 from lrfast.result import LRFindResult
+from lrfast.state import capture_rng, restore_rng
 
 try:  # the unified package first, as Lightning's own docs import it
     import lightning.pytorch as pl
@@ -55,6 +57,17 @@ def find(
         raise TypeError(f"module={type(module).__name__} is not a {pl.__name__}.LightningModule; for a plain "
                         "nn.Module use lrfast.find(model, loader)")  # fmt: skip
     attr = _lr_attr(module, attr_name) if update_attr else ""
+    rng = capture_rng()  # the data hooks below may draw from the RNGs (a random split, random data): put back
+    try:
+        result = _find_with_hooks(module, datamodule, train_dataloaders, find_kwargs)
+    finally:
+        restore_rng(rng)
+    if attr and result.suggestion is not None:
+        _set_lr(module, attr, result.suggestion)
+    return result
+
+
+def _find_with_hooks(module, datamodule, train_dataloaders, find_kwargs: dict) -> LRFindResult:
     if train_dataloaders is None:
         if datamodule is not None:
             datamodule.prepare_data()
@@ -67,10 +80,7 @@ def find(
             train_dataloaders = module.train_dataloader()
     if "optimizer" not in find_kwargs:
         find_kwargs["optimizer"] = first_optimizer(module.configure_optimizers())
-    result = _run(module, train_dataloaders, find_kwargs)
-    if attr and result.suggestion is not None:
-        _set_lr(module, attr, result.suggestion)
-    return result
+    return _run(module, train_dataloaders, find_kwargs)
 
 
 class LRFastFinder(pl.Callback):
@@ -91,10 +101,14 @@ class LRFastFinder(pl.Callback):
         # fit loop sets up the train dataloader only when it runs: take the loader from the fit's data source.
         attr = _lr_attr(pl_module, self.attr_name) if self.update_attr else ""
         kwargs = dict(self.find_kwargs)
-        if "optimizer" not in kwargs:
-            kwargs["optimizer"] = trainer.optimizers[0] if trainer.optimizers else first_optimizer(
-                pl_module.configure_optimizers())  # fmt: skip
-        self.result = _run(pl_module, _trainer_loader(trainer, pl_module), kwargs)
+        rng = capture_rng()  # the loader hooks may draw from the RNGs: the fit goes on as without the finder
+        try:
+            if "optimizer" not in kwargs:
+                kwargs["optimizer"] = trainer.optimizers[0] if trainer.optimizers else first_optimizer(
+                    pl_module.configure_optimizers())  # fmt: skip
+            self.result = _run(pl_module, _trainer_loader(trainer, pl_module), kwargs)
+        finally:
+            restore_rng(rng)
         lr = self.result.suggestion
         if not attr or lr is None:
             return
@@ -109,15 +123,19 @@ class LRFastFinder(pl.Callback):
 
 
 def first_optimizer(conf: Any) -> torch.optim.Optimizer:
-    """The first optimizer of any of `configure_optimizers()`'s return forms: an optimizer, a list/tuple of them,
-    ([optimizers], [schedulers]), {"optimizer": ..., "lr_scheduler": ...}, or a list/tuple of such dicts."""
-    item = conf
-    while isinstance(item, (list, tuple)) and item:
-        item = item[0]
-    if isinstance(item, Mapping):
-        item = item.get("optimizer")
-    if isinstance(item, torch.optim.Optimizer):
-        return item
+    """The one optimizer of any of `configure_optimizers()`'s return forms: an optimizer, a list/tuple of them,
+    ([optimizers], [schedulers]), {"optimizer": ..., "lr_scheduler": ...}, or a list/tuple of such dicts. Several
+    optimizers are refused, as Lightning refuses them under automatic optimization."""
+    found = _optimizers_in(conf)
+    if len(found) > 1:
+        raise ValueError(
+            f"configure_optimizers() returned {len(found)} optimizers ({', '.join(type(o).__name__ for o in found)}); "
+            "under automatic optimization Lightning trains with one (it raises for several, which need manual "
+            "optimization), and a range test sweeps one optimizer's LR: pass optimizer=... to choose which, or "
+            "run lrfast.find on the part of the model that optimizer trains"
+        )
+    if found:
+        return found[0]
     raise ValueError(
         f"configure_optimizers() returned {type(conf).__name__} ({conf!r:.80}) with no optimizer in it; return an "
         "optimizer, a list of them, ([optimizers], [schedulers]) or {'optimizer': ...}, or pass optimizer=..."
@@ -212,7 +230,11 @@ def _run(module: pl.LightningModule, loader: Iterable, find_kwargs: dict) -> LRF
     saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
     module.__dict__["log"] = module.__dict__["log_dict"] = _no_log
     try:
-        return _find(_TrainingStep(module), _Numbered(loader), **find_kwargs)
+        result = _find(_TrainingStep(module), _Numbered(loader), **find_kwargs)
+        why = result.why_no_suggestion()
+        if why:
+            warnings.warn(f"lrfast: the learning rate is left as it was: {why}", stacklevel=3)
+        return result
     finally:
         for name in ("log", "log_dict"):
             if name in saved:
@@ -229,6 +251,18 @@ def _is_loader_collection(loader: Any) -> bool:
     items = loader.values() if isinstance(loader, Mapping) else loader if isinstance(loader, (list, tuple)) else None
     return items is not None and len(items) > 0 and all(isinstance(x, Iterable) and not isinstance(
         x, (torch.Tensor, str, Mapping, list, tuple)) for x in items)  # fmt: skip
+
+
+def _optimizers_in(conf: Any) -> list[torch.optim.Optimizer]:
+    if isinstance(conf, torch.optim.Optimizer):
+        return [conf]
+    if isinstance(conf, Mapping):
+        return _optimizers_in(conf.get("optimizer"))
+    if isinstance(conf, (list, tuple)):
+        if len(conf) == 2 and isinstance(conf[0], (list, tuple)):  # ([optimizers], [schedulers])
+            return _optimizers_in(conf[0])
+        return [o for item in conf for o in _optimizers_in(item)]
+    return []
 
 
 def _trainer_loader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable | None:
