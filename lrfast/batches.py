@@ -18,8 +18,16 @@ def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader") 
     """The first `n` batches of `loader` (argument `name`), on `device`, split for the model and checked to share
     one structure: what a run trains (or validates) on."""
     splits = [split(to_device(b, device)) for b in take(loader, n, name)]
-    check_consistent(splits, name)
+    check_consistent(splits, name, _where_batches_come_from(loader, name))
     return splits
+
+
+def _where_batches_come_from(loader: Iterable, name: str) -> str:
+    """What to check when batches differ: a DataLoader's dataset (and its collate_fn, when it has its own)."""
+    if isinstance(loader, DataLoader):
+        custom = loader.collate_fn is not default_collate
+        return f"check the dataset{' and the collate_fn' if custom else ''} of {name}"
+    return f"check the batches {name} yields"
 
 
 def take(loader: Iterable, steps: int, name: str = "loader") -> list[Any]:
@@ -147,11 +155,13 @@ def stack(items: list):
                                   for i, x in enumerate(first)], spec)  # fmt: skip
 
 
-def check_consistent(splits: list[Split], name: str = "loader") -> None:
+def check_consistent(splits: list[Split], name: str = "loader", advice: str = "") -> None:
     """Before training: every cached batch must have the structure of batch 0 (the same positional / keyword inputs
     and target, nested alike) and, leaf by leaf, the same kind (tensor or not), dtype and number of dims; floating
     point tensors (features, pixels) also the same sizes past dim 0. Dim 0 may differ (a DataLoader's smaller last
-    batch), and so may the later dims of integer / bool tensors (token ids and masks padded per batch). A mismatch
+    batch), also where it is the length of a list of per-sample items (a list whose items share one structure is
+    compared as one item), and so may the later dims of integer / bool tensors (token ids and masks padded per
+    batch). A mismatch
     raises a ValueError naming `name`, the batch index and what differs, instead of a shape error mid-run."""
     if len(splits) < 2:
         return
@@ -172,7 +182,7 @@ def check_consistent(splits: list[Split], name: str = "loader") -> None:
         if why:
             raise ValueError(
                 f"{name}: batch {i} differs from batch 0: {why}; every batch must have the same structure, dtypes and "
-                f"sizes except the batch size (dim 0): check the dataset and collate_fn of {name}"
+                f"sizes except the batch size (dim 0): {advice or 'check the batches ' + name + ' yields'}"
             )
 
 
@@ -188,9 +198,29 @@ def _leaves(s: Split) -> list[tuple[str, Any]]:
     out = []
     named = [(f"input {i}", a) for i, a in enumerate(s.args)] + [(f"input {k!r}", v) for k, v in s.kwargs.items()]
     for prefix, tree in named + [("target", s.target)]:
-        leaves, _ = pytree.tree_flatten_with_path(tree)
+        leaves, _ = pytree.tree_flatten_with_path(_fold(tree))
         out += [(prefix + pytree.keystr(path), x) for path, x in leaves]
     return out
+
+
+def _fold(tree: Any) -> Any:
+    """`tree` with every list whose items share one structure replaced by its first item's (folded) structure: such
+    a list holds one item per sample (a custom collate), and its length is the batch size, which may differ."""
+    if isinstance(tree, Mapping):
+        return {k: _fold(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return type(tree)(*map(_fold, tree)) if hasattr(tree, "_fields") else tuple(map(_fold, tree))
+    if isinstance(tree, list):
+        items = [_fold(x) for x in tree]
+        specs = {_spec_key(x) for x in items}
+        return [items[0]] if len(specs) == 1 else items
+    return tree
+
+
+def _spec_key(tree: Any) -> str:
+    leaves, spec = pytree.tree_flatten(tree)
+    kinds = ",".join(f"T{x.dim()}{x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
+    return f"{spec}|{kinds}"
 
 
 def _leaf_difference(path: str, x: Any, ref: Any) -> str:

@@ -139,8 +139,8 @@ def empty_loader():
 CLI_CASES = {
     # name: (argv, with {tmp} for the test's folder, words the SystemExit message must contain)
     "data_dir_missing": (["demo", "--data", "{tmp}/missing"], ["--data", "not a folder", "IDX"]),
-    "out_is_a_file": (["demo", "--out", "{tmp}/afile"], ["--out", "not a folder"]),
-    "out_missing": (["find", "lrfast_cli_target:good", "--out", "{tmp}/missing"], ["--out", "not a folder"]),
+    "out_is_a_file": (["demo", "--out", "{tmp}/afile"], ["--out", "cannot be created"]),
+    "out_under_a_file": (["find", "lrfast_cli_target:good", "--out", "{tmp}/afile/sub"], ["--out", "cannot be created"]),
     "steps_one": (["demo", "--steps", "1"], ["steps=1", ">= 2"]),
     "min_lr_zero": (["find", "lrfast_cli_target:good", "--min-lr", "0"], ["min_lr=0.0", "> 0"]),
     "min_lr_above_max_lr": (["find", "lrfast_cli_target:good", "--min-lr", "1", "--max-lr", "0.1"],
@@ -351,3 +351,46 @@ def test_a_smaller_last_batch_and_padded_token_ids_are_accepted():
     g = torch.Generator().manual_seed(0)
     tokens = [(torch.randint(0, 20, (8, n), generator=g), torch.randint(0, 3, (8,), generator=g)) for n in (5, 9, 7)]
     assert lrfast.find(Bag(), tokens, steps=6, progress=False, early_stop_threshold=None).steps_run == 6
+
+
+class _ListInput(nn.Module):
+    """model(xs) with xs a list of per-sample tensors (a custom collate), as torch-lr-finder's tests use."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, xs):
+        return self.lin(torch.stack(xs))
+
+
+def _list_loader(n=5, batch=2):
+    from torch.utils.data import DataLoader
+
+    x, y = _xy(n=n)
+    return DataLoader(list(zip(x, y)), batch_size=batch,
+                      collate_fn=lambda b: ([s for s, _ in b], torch.stack([t for _, t in b])))  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["sweep", "seeds"])
+def test_a_short_last_batch_of_list_inputs_is_accepted(strategy):
+    """Batch sizes [2, 2, 1]: the list of per-sample inputs is one item shorter in the last batch, which is a batch
+    size, not a structure, difference."""
+    kwargs = dict(strategy="seeds", candidates=2) if strategy == "seeds" else {}
+    res = lrfast.find(_ListInput(), _list_loader(), steps=6, progress=False, early_stop_threshold=None, **kwargs)
+    assert res.steps_run == 6
+
+
+def test_the_advice_for_mixed_batches_names_collate_fn_only_when_the_loader_has_its_own():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    odd = [_xy(), _xy(features=5)]
+    with pytest.raises(ValueError, match=r"check the batches loader yields$"):
+        lrfast.find(make_mlp(), odd, steps=2, progress=False)
+    x, y = _xy(n=20)
+    plain = DataLoader(TensorDataset(torch.cat([x, torch.zeros(4, 8)]), torch.cat([y, y[:4]])), batch_size=16)
+    with pytest.raises(ValueError, match=r"check the dataset and the collate_fn of loader$"):
+        lrfast.find(make_mlp(), DataLoader(plain.dataset, batch_size=16, collate_fn=lambda b: (
+            torch.stack([s[0] for s in b])[:, : 8 if len(b) == 16 else 5], torch.stack([s[1] for s in b]))),
+            steps=2, progress=False)  # fmt: skip
