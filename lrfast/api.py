@@ -158,7 +158,10 @@ def find(
         # splits[t]: what step t trains on: one batch, or with accumulate=N a list of N micro-batches
         splits = micro if accumulate == 1 else [micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)]
         rng = capture_rng()
-        val = None if val_loader is None else _batches.cache(val_loader, val_batches, device, "val_loader")
+        val = None if val_loader is None else _batches.cache(val_loader, val_batches, device, "val_loader", cycle=False)
+        if val is not None and len(val) < val_batches:
+            notes.append(f"val_loader has {len(val)} batch(es), fewer than val_batches={val_batches}: each is scored "
+                         "once")  # fmt: skip
         mine = end - first
         chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, mine, max_memory)
         if sync is not None:

@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 
-def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader") -> list[Split]:
+def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader", cycle: bool = True) -> list[Split]:
     """The first `n` batches of `loader` (argument `name`), on `device`, split for the model and checked to share
-    one structure: what a run trains (or validates) on."""
-    splits = [split(to_device(b, device)) for b in take(loader, n, name)]
+    one structure: what a run trains (or validates) on. cycle=False: at most one pass (a validation set shorter
+    than `n` gives each of its batches once, not batch 0 twice)."""
+    splits = [split(to_device(b, device)) for b in take(loader, n, name, cycle)]
     check_consistent(splits, name, _where_batches_come_from(loader, name))
     return splits
 
@@ -30,8 +31,9 @@ def _where_batches_come_from(loader: Iterable, name: str) -> str:
     return f"check the batches {name} yields"
 
 
-def take(loader: Iterable, steps: int, name: str = "loader") -> list[Any]:
-    """The first `steps` batches of `loader`, re-iterating it (a new epoch) as often as needed.
+def take(loader: Iterable, steps: int, name: str = "loader", cycle: bool = True) -> list[Any]:
+    """The first `steps` batches of `loader`, re-iterating it (a new epoch) as often as needed (cycle=False: one
+    pass at most, so fewer when the loader is shorter).
 
     A DataLoader over a TensorDataset with the default collate is read by indexing the dataset's tensors with each
     batch's indices: the same batches, bitwise, and the same RNG draws as iterating it, without the per-sample
@@ -49,6 +51,8 @@ def take(loader: Iterable, steps: int, name: str = "loader") -> list[Any]:
             batches.append(batch)
             if len(batches) == steps:
                 break
+        if not cycle and batches:
+            break
         if len(batches) == before:
             if before == 0:
                 raise ValueError(f"{name} is empty: it yielded no batch; pass a loader with at least one batch")

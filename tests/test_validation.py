@@ -69,3 +69,16 @@ def test_bad_validation_arguments_raise_before_training(kwargs, words):
     with pytest.raises(ValueError) as info:
         lrfast.find(make_mlp(), make_batches(), steps=5, progress=False, **kwargs)
     assert all(w in str(info.value) for w in words)
+
+
+def test_a_validation_loader_shorter_than_val_batches_scores_each_batch_once():
+    model, train, val = make_mlp(), make_batches(), make_batches(n=3, seed=9)
+    res = lrfast.find(model, train, optimizer="sgd", min_lr=1e-9, max_lr=2e-9, steps=2, val_loader=val,
+                      val_every=1, early_stop_threshold=None, progress=False)  # fmt: skip
+    # at lr ~1e-9 the weights move ~1e-9: the score is the initial model's mean loss over the 3 batches, each once
+    with torch.no_grad():
+        want = np.mean([nn.functional.cross_entropy(model(x), y).item() for x, y in val])
+        twice_0 = np.mean([nn.functional.cross_entropy(model(x), y).item() for x, y in [val[0], *val]])
+    assert res.val_losses[0, 0] == pytest.approx(want, rel=1e-6) and abs(want - twice_0) > 1e-4
+    assert any("val_loader has 3 batch(es), fewer than val_batches=4: each is scored once" in n
+               for n in res.info["notes"])  # fmt: skip
