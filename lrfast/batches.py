@@ -241,6 +241,34 @@ def _leaf_difference(path: str, x: Any, ref: Any) -> str:
     return ""
 
 
+def explain_arity(f: Callable, batch: Split, /, *args, **kwargs):
+    """f(*args, **kwargs) for the run's first call of the model on `batch`: a TypeError about the model's arguments
+    is raised again with arity_error's explanation."""
+    try:
+        return f(*args, **kwargs)
+    except TypeError as e:
+        explained = arity_error(e, batch)
+        if explained is None:
+            raise
+        raise explained from e
+
+
+def arity_error(e: BaseException, batch: Split) -> TypeError | None:
+    """When the first call of the model failed because of how the batch was split into its inputs (a TypeError
+    about its arguments), a TypeError that says how lrfast splits batches and what to pass; else None."""
+    text = str(e)
+    if not isinstance(e, TypeError) or not any(w in text for w in ("positional argument", "keyword argument")):
+        return None
+    called = ", ".join([f"<input {i}>" for i in range(len(batch.args))] + [f"{k}=..." for k in batch.kwargs])
+    target = "no target" if batch.target is None else "the batch's last item as the target"
+    return TypeError(
+        f"the model failed on the first batch, called as model({called}) with {target}: {text}. lrfast splits a "
+        "tuple/list batch (x1, ..., xn, y) into model(x1, ..., xn) and target y, a dict into model(**batch), a "
+        "tensor into model(tensor); for other batches wrap the model (a module whose forward takes the inputs "
+        "your batches hold, e.g. forward(self, x, y, *extra)) and pass loss_fn=lambda output, target: ..."
+    )
+
+
 LossFn = Callable[[Any, Split], torch.Tensor]
 
 

@@ -394,3 +394,16 @@ def test_the_advice_for_mixed_batches_names_collate_fn_only_when_the_loader_has_
         lrfast.find(make_mlp(), DataLoader(plain.dataset, batch_size=16, collate_fn=lambda b: (
             torch.stack([s[0] for s in b])[:, : 8 if len(b) == 16 else 5], torch.stack([s[1] for s in b]))),
             steps=2, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(strategy="grid", candidates=2)], ids=["k1", "grid"])
+def test_a_batch_with_extra_items_says_how_batches_are_split(kwargs):
+    """(x, y, e1, e2) becomes model(x, y, e1) with target e2: the model's own TypeError is explained."""
+    x, y = _xy()
+    batches = [(x, y, torch.zeros(16), torch.ones(16))] * 3
+    model = make_mlp()
+    before = state_of(model)
+    with pytest.raises(TypeError, match=r"called as model\(<input 0>, <input 1>, <input 2>\) with the batch's last "
+                                        r"item as the target: .*positional argument.*wrap the model.*loss_fn="):
+        lrfast.find(model, batches, steps=3, progress=False, **kwargs)
+    assert_same_state(before, state_of(model))

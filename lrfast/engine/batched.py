@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
-from lrfast.batches import Split, resolve_loss, stack, stack_difference
+from lrfast.batches import Split, explain_arity, resolve_loss, stack, stack_difference
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
 from lrfast.state import Slots
@@ -55,9 +55,9 @@ class BatchedStep:
                     raise  # candidates; compiled: the caller retries this vmap eagerly (engine/graphed.py)
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
-                loss = self._loop(item)
+                loss = self._loop_first(item)
         else:
-            loss = self._loop(item)
+            loss = self._loop_first(item) if self.calls == 1 else self._loop(item)
         if self.calls == 1:
             _check_first(loss)
         return loss
@@ -121,6 +121,10 @@ class BatchedStep:
 
     def _compiled(self, f):
         return torch.compile(f, dynamic=False) if self.compile else f
+
+    def _loop_first(self, item) -> torch.Tensor:
+        """The loop's first call: a failure of the model's call signature says how lrfast splits batches."""
+        return explain_arity(self._loop, item[0] if isinstance(item, list) else item, item)
 
     def _loop(self, item) -> torch.Tensor:
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
@@ -198,8 +202,8 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
 
     ids = _ids_by_name(model)
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = Slots(model).call(model, {ids[n]: t for n, t in leaves.items()},
-                                {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # fmt: skip
+        out = explain_arity(Slots(model).call, split, model, {ids[n]: t for n, t in leaves.items()},
+                            {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # the first call
         loss_f, _ = resolve_loss(loss_fn, out, split)
         loss = loss_f(out, split)
     grads = sum(v.nbytes for v in leaves.values())

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from lrfast.batches import Split, resolve_loss
+from lrfast.batches import Split, explain_arity, resolve_loss
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
 
@@ -29,7 +29,10 @@ class ModuleStep:
         self.arena.zero_grad()
         first = self.loss_f is None
         with autocast(self.arena.device, self.precision):
-            out = self.forward(*split.args, **split.kwargs)
+            if first:
+                out = explain_arity(self.forward, split, *split.args, **split.kwargs)
+            else:
+                out = self.forward(*split.args, **split.kwargs)
             loss = self._first_loss(out, split) if first else self.loss_f(out, split)
         (loss if self.scaler is None else loss * self.scaler.scale[0]).backward()
         if first:  # autograd accumulates into preset .grad views; check once that it did
