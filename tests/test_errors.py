@@ -254,7 +254,7 @@ def _lightning_cases():
         "steps_one": (Lit, {"steps": 1}, ValueError, ["steps=1", ">= 2"]),
         "min_lr_zero": (Lit, {"min_lr": 0.0}, ValueError, ["min_lr=0.0", "> 0"]),
         "training_step_returns_none": (lambda: Lit(step_returns=False), {}, ValueError,
-                                       ["training_step returned NoneType", "loss tensor"]),  # fmt: skip
+                                       ["training_step returned NoneType", "loss tensor", "Leave the batches"]),
     }
 
 

@@ -194,7 +194,10 @@ class _TrainingStep(nn.Module):
         if not isinstance(loss, torch.Tensor):
             raise ValueError(
                 f"training_step returned {type(out).__name__} at batch_idx={batch_idx}; the range test needs the "
-                "loss tensor (or a dict with 'loss'); a step that returns None to skip a batch can't be swept"
+                "loss tensor (or a dict with 'loss') at every step. Lightning's lr_find records NaN for a skipped "
+                "batch and goes on; lrfast does not skip: every candidate trains on every cached batch so that "
+                "curves compare step for step, and a missing loss would read as divergence. Leave the batches "
+                "training_step skips out of the loader given to the range test (a filtering sampler or dataset)"
             )
         return {"loss": loss}
 
