@@ -345,6 +345,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
                                val_every=val_every, scaler=scaler, sync=sync)  # fmt: skip
         compiled = graphed_ = False
     inner = built[-1]
+    notes += getattr(inner, "notes", [])
     if c == 1:
         forward = "module (K=1)"
         if inner.copy_grads:

@@ -3,6 +3,7 @@ and the files a user asks for are written like any other file of theirs (the uma
 
 import os
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -82,3 +83,82 @@ def test_dict_batch_without_labels_says_to_add_labels_or_pass_loss_fn():
     batches = [{"input_ids": torch.randint(0, 10, (4, 6)), "attention_mask": torch.ones(4, 6)}] * 3
     with pytest.raises(ValueError, match=r"keys input_ids, attention_mask.*'labels'.*loss_fn="):
         lrfast.find(NoLoss(), batches, steps=5, progress=False)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.transpose(1, 2) for z in self.qkv(x).view(b, t, 3, 2, 8).unbind(2))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(a.transpose(1, 2).reshape(b, t, 16).mean(1))
+
+
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.out = nn.LSTM(16, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0].mean(1))
+
+
+class _MaskedItem(nn.Module):
+    """BERT-like data-dependent code on a per-batch mask: .item() under vmap fails when each candidate has its own
+    batch (seeds)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        if mask.sum().item() > 0:
+            x = x * mask[..., None]
+        return self.out(x.mean(1))
+
+
+def _sequences(n=3, with_mask=False):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x, y = torch.randn(4, 6, 16, generator=g), torch.randint(0, 3, (4,), generator=g)
+        out.append((x, torch.ones(4, 6), y) if with_mask else (x, y))
+    return out
+
+
+def test_attention_under_vmap_takes_the_batched_math_kernel_with_no_slow_path_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = lrfast.find(_Attention(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False)
+    assert res.info["forward"] == "vmap (K=3)" and not any("batching rule" in n for n in res.info["notes"])
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+
+
+def test_an_op_without_a_vmap_batching_rule_is_one_note_not_a_warning_per_step():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = lrfast.find(_LSTM(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False)
+    assert res.info["forward"] == "vmap (K=3)"
+    assert any("no batching rule for aten::mkldnn_rnn_layer" in n and "slow path" in n for n in res.info["notes"])
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+
+
+def test_vmap_failing_on_the_first_step_is_a_note_with_the_whole_first_line_of_the_error():
+    res = lrfast.find(_MaskedItem(), _sequences(with_mask=True), strategy="seeds", candidates=2, steps=4,
+                      progress=False)  # fmt: skip
+    assert res.info["forward"].startswith("loop (K=2): vmap failed on the first step: RuntimeError: vmap:")
+    (note,) = [n for n in res.info["notes"] if "per-candidate loop" in n]
+    assert ".item()" in note and note.endswith(".") and "slower than one batched call" in note
+
+
+def test_seeds_with_unstackable_batches_say_so_in_the_notes():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (16, 16, 9)]
+    res = lrfast.find(make_mlp(), batches, strategy="seeds", candidates=2, steps=3, progress=False)
+    assert any("per-candidate loop" in n and "differs in shape" in n for n in res.info["notes"])

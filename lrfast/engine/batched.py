@@ -11,7 +11,10 @@ depend on K (seeds: deterministic for a given (seed, K))."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+import warnings
 
 import torch
 from torch import nn
@@ -37,6 +40,8 @@ class BatchedStep:
         self.g = [v for seg in arena.segments for v in seg.stacked(seg.g)]
         self.buffers = _clone_buffers(model, arena.k)
         self.mode, self.why = ("loop", why_loop) if why_loop else ("vmap", "")
+        self.notes = [f"the {arena.k} candidates run as a per-candidate loop (K module calls per step, slower than "
+                      f"one batched call): {why_loop}"] if why_loop else []  # fmt: skip
         self.calls = 0
         self.compile = compile
         self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
@@ -49,11 +54,14 @@ class BatchedStep:
         self.calls += 1
         if self.mode == "vmap":
             try:
-                loss = self._vmap(item)
+                loss = self._vmap_first(item) if self.calls == 1 else self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
                 if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
                     raise  # candidates; compiled: the caller retries this vmap eagerly (engine/graphed.py)
-                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {e}"[:300]
+                first_line = (str(e).strip().splitlines() or [""])[0]  # whole sentences: the first line of it
+                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line}"
+                self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop (K module calls per "
+                                  f"step, slower than one batched call): {self.why}")  # fmt: skip
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
                 loss = self._loop_first(item)
         else:
@@ -72,7 +80,8 @@ class BatchedStep:
             for s in splits:
                 if self.mode == "vmap":
                     f = vmap(self._loss, in_dims=(0, 0, None, None, None), randomness="same")
-                    total = total + f(params, self.buffers, s.args, s.kwargs, s.target)
+                    with _batchable_attention(self.arena.device):
+                        total = total + f(params, self.buffers, s.args, s.kwargs, s.target)
                 else:
                     total = total + torch.stack([
                         self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
@@ -104,7 +113,34 @@ class BatchedStep:
             return self.scaler.scale
         return torch.ones(self.arena.k, device=self.arena.device)
 
+    def _vmap_first(self, item) -> torch.Tensor:
+        with _batchable_attention(self.arena.device):
+            return self._vmap_noted(item)
+
+    def _vmap_noted(self, item) -> torch.Tensor:
+        """The first vmapped call, with PyTorch's "no batching rule for aten::op" warnings turned into notes (each
+        such op runs once per candidate inside the batched step: a slow path); other warnings are passed on."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = self._vmap_call(item)
+        ops = []
+        for w in caught:
+            m = re.search(_NO_BATCHING_RULE + r" for (\S+?)\.? ", str(w.message))
+            if m:
+                ops.append(m.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        if ops:
+            self.notes.append(f"vmap has no batching rule for {', '.join(dict.fromkeys(ops))}: PyTorch runs it once "
+                              "per candidate inside the batched step (a slow path; the other ops stay batched)")
+        return loss
+
     def _vmap(self, item) -> torch.Tensor:
+        with _batchable_attention(self.arena.device), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)  # said once, in the notes
+            return self._vmap_call(item)
+
+    def _vmap_call(self, item) -> torch.Tensor:
         params = dict(zip(self.names, self.p))
         if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
             s = stack(item)
@@ -149,6 +185,20 @@ class BatchedStep:
                     view[k].copy_(g)
             losses.append(loss.detach().float().reshape(()))
         return torch.stack(losses)
+
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def _batchable_attention(device: torch.device):
+    """On CPU, scaled_dot_product_attention under vmap on its math kernel: the CPU flash kernel has no batching
+    rule (vmap runs it once per candidate and warns), the math kernel's ops all batch. Same maths, other rounding;
+    measured equal speed at 4 candidates of a 2-head toy attention on the 2-core CPU."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def is_oom(e: BaseException) -> bool:
