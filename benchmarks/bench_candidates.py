@@ -15,17 +15,21 @@ up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the FLOPs of 
 (torch.utils.flop_counter) at the fp32 matmul rate measured in this process (1024 x 1024 matmul); it ignores the
 loader and the optimizer step.
 
-Rows go to benchmarks/results/cpu/candidates.csv (one per workload and K; written after every workload), and
+With --device cuda every model, lrfast run and torch-lr-finder run is on the GPU (lrfast with its CUDA defaults:
+torch.compile and CUDA-graph capture inside each timed call) and the floor is the GPU's fp32 matmul rate.
+
+Rows go to benchmarks/results/<device>/candidates.csv (one per workload and K; written after every workload), and
 candidates.md / candidates.png are rendered from that CSV.
 
-    python -m benchmarks.bench_candidates [--workloads mlp,lenet,loader] [--ks 1,2,4,8,16,32] [--steps 100]
-        [--repeats 2] [--quick] [--render-only] [--out DIR]
+    python -m benchmarks.bench_candidates [--device cpu|cuda] [--workloads mlp,lenet,loader] [--ks 1,2,4,8,16,32]
+        [--steps 100] [--repeats 2] [--quick] [--render-only] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,8 +111,8 @@ def dataset_and_model(workload: str, rounds: int = 0) -> tuple[Dataset, W.Worklo
 # Each returns (wall seconds, loss curves [runs, steps] or None, info of the last lrfast run).
 
 
-def lrfast_run(dataset, wl: W.Workload, lrs, steps):
-    model, loader = fresh(dataset, wl.model, Settings(batch_size=wl.batch_size))
+def lrfast_run(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+    model, loader = fresh(dataset, wl.model, Settings(batch_size=wl.batch_size, device=device))
     gc.collect()
     t0 = time.perf_counter()
     res = lrfast.find(model, loader, optimizer=wl.optimizer, loss_fn=wl.loss, strategy="grid", lrs=list(lrs),
@@ -117,21 +121,21 @@ def lrfast_run(dataset, wl: W.Workload, lrs, steps):
     return wall, np.atleast_2d(np.asarray(res.losses, dtype=float)), {**res.info, "timings": res.timings}
 
 
-def one_pass(dataset, wl: W.Workload, lrs, steps):
-    return lrfast_run(dataset, wl, lrs, steps)
+def one_pass(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+    return lrfast_run(dataset, wl, lrs, steps, device)
 
 
-def sequential(dataset, wl: W.Workload, lrs, steps):
+def sequential(dataset, wl: W.Workload, lrs, steps, device="cpu"):
     total, curves, info = 0.0, [], {}
     for lr in lrs:
-        t, c, info = lrfast_run(dataset, wl, [lr], steps)
+        t, c, info = lrfast_run(dataset, wl, [lr], steps, device)
         total += t
         curves.append(c[0])
     return total, np.stack(curves), info
 
 
-def torch_lr_finder(dataset, wl: W.Workload, lrs, steps):
-    s = for_workload(wl, Settings(min_lr=MIN_LR, max_lr=MAX_LR, early_stop=None), steps)
+def torch_lr_finder(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+    s = for_workload(wl, Settings(min_lr=MIN_LR, max_lr=MAX_LR, early_stop=None, device=device), steps)
     total = 0.0
     for _ in lrs:
         model, loader = fresh(dataset, wl.model, s)
@@ -148,14 +152,17 @@ RUNNERS = {"one_pass": one_pass, "sequential": sequential, "torch_lr_finder": to
 # ---------------------------------------------------------------------------------------------- floor
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """The machine's fp32 matmul rate, best of `repeats` n x n x n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu") -> float:
+    """The device's fp32 matmul rate, best of `repeats` n x n x n products."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -175,13 +182,13 @@ def step_flops(dataset, wl: W.Workload) -> int:
 
 
 def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, rounds: int, loader_ms: float,
-                   k1_ms: float):  # fmt: skip
+                   k1_ms: float, device: str = "cpu"):  # fmt: skip
     dataset, wl = dataset_and_model(workload, rounds)
     flops = step_flops(dataset, wl)
     tlf_missing = missing("torch_lr_finder")  # an optional peer: its column stays empty without it
     for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
         if not (name == "torch_lr_finder" and tlf_missing):
-            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5)
+            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5, device)
     rows, tlf_prev = [], None
     for k in ks:
         lrs = np.geomspace(MIN_LR, MAX_LR, k) if k > 1 else np.array([1e-3])
@@ -191,7 +198,7 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
         curves, info = {}, {}
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order round by round
-                t, c, i = RUNNERS[name](dataset, wl, lrs, steps)
+                t, c, i = RUNNERS[name](dataset, wl, lrs, steps, device)
                 best[name] = min(best[name], t)
                 if c is not None:
                     curves[name] = c
@@ -216,7 +223,7 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                "one_pass_vs_floor": ms["one_pass"] / (1e3 * k * flops / (gflops * 1e9)), "flops_per_step_k1": flops,
                "matmul_gflops": gflops, "loader_ms_per_batch": loader_ms if workload == "loader" else "",
                "loader_rounds": rounds if workload == "loader" else "", "mlp_k1_steps_phase_ms_per_step": k1_ms,
-               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **report.conditions("cpu")}  # fmt: skip
+               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **report.conditions(device)}  # fmt: skip
         print(
             f"{workload} K={k}: one pass {ms['one_pass']:.2f} ms/step, sequential {ms['sequential']:.2f}, "
             f"torch-lr-finder {tlf:.2f}, floor {row['floor_ms_per_step']:.3f}",
@@ -293,6 +300,7 @@ def write_png(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--steps", type=int, default=100)
@@ -303,12 +311,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.ks, args.steps, args.repeats = "1,2", 5, 1
-    out = args.out or (Path(tempfile.gettempdir()) / "lrfast-bench-candidates-quick" if args.quick else OUT)
+    out = args.out or (Path(tempfile.gettempdir()) / "lrfast-bench-candidates-quick" if args.quick
+                       else OUT.parent / args.device)  # fmt: skip
     if not args.render_only:
-        ks = [int(k) for k in args.ks.split(",")]
-        gflops = matmul_gflops()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("--device cuda: torch.cuda.is_available() is False here; nothing run")
+        ks, dev = [int(k) for k in args.ks.split(",")], args.device
+        gflops = matmul_gflops(device=dev)
         # the K = 1 step as lrfast's steps phase times it (set-up left out), 50 steps, best of 3
-        k1_ms = 1e3 * min(one_pass(digits(), W.get("mlp"), [1e-3], 50)[2]["timings"]["steps"] for _ in range(3)) / 50
+        k1_ms = 1e3 * min(one_pass(digits(), W.get("mlp"), [1e-3], 50, dev)[2]["timings"]["steps"]
+                          for _ in range(3)) / 50  # fmt: skip
         if args.quick:
             rounds, loader_ms = 4, loader_ms_per_batch(4)
         else:
@@ -318,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for wl in args.workloads.split(","):
             rows += bench_workload(
-                wl, ks, args.steps, args.repeats, max(gflops, matmul_gflops()), rounds, loader_ms, k1_ms
+                wl, ks, args.steps, args.repeats, max(gflops, matmul_gflops(device=dev)), rounds, loader_ms, k1_ms,
+                dev,
             )
             write_csv(out, rows)
     write_md(out)

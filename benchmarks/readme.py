@@ -1,9 +1,10 @@
 """Render README's performance section from the committed CSVs under benchmarks/results/<device>/ (never typed by
 hand): `python -m benchmarks.readme` rewrites the text between the perf markers in README.md; `--print` only
-prints the section."""
+prints the section; `--print --dir DIR` prints one results folder's part (benchmarks/gpu.py, results elsewhere)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ START, END = "<!-- perf:start (python -m benchmarks.readme) -->", "<!-- perf:end
 
 
 def _link(path: Path) -> str:
-    rel = path.relative_to(ROOT).as_posix()
+    rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.as_posix()
     return f"[{rel}]({rel})"
 
 
@@ -66,25 +67,40 @@ def _kernels(path: Path) -> list[str]:
             ""]  # fmt: skip
 
 
+def device_section(device_dir: Path) -> list[str]:
+    """One results folder's tables, under a heading named after the folder (cpu, cuda)."""
+    out = [f"#### {device_dir.name.upper()}", ""]
+    for name, render in (("compare", _compare), ("candidates", _candidates), ("kernels", _kernels)):
+        if (device_dir / f"{name}.csv").exists():
+            out += render(device_dir / f"{name}.csv")
+    return out
+
+
+def _has_rows(device_dir: Path) -> bool:
+    return any((device_dir / f"{name}.csv").exists() for name in ("compare", "candidates", "kernels"))
+
+
 def section(results: Path = ROOT / "benchmarks" / "results") -> str:
     out = []
-    devices = sorted(p for p in results.iterdir() if p.is_dir())
-    for device_dir in devices:
-        out += [f"#### {device_dir.name.upper()}", ""]
-        for name, render in (("compare", _compare), ("candidates", _candidates), ("kernels", _kernels)):
-            if (device_dir / f"{name}.csv").exists():
-                out += render(device_dir / f"{name}.csv")
-    if not (results / "cuda").is_dir():
-        out += ["#### CUDA", "", "GPU results pending: no GPU run committed yet (`python -m benchmarks.compare "
-                "--device cuda`, `python -m benchmarks.bench_kernels --device cuda`, then `python -m "
-                "benchmarks.readme`).", ""]  # fmt: skip
+    # a folder without CSVs (a GPU run whose benchmarks all failed leaves env.json and logs) renders nothing
+    for device_dir in sorted(p for p in results.iterdir() if p.is_dir() and _has_rows(p)):
+        out += device_section(device_dir)
+    if not _has_rows(results / "cuda"):
+        out += ["#### CUDA", "", "GPU results pending: no GPU run committed yet (`benchmarks/gpu.sh` on a GPU "
+                "machine runs the CUDA tests, `benchmarks.compare`, `bench_kernels` and `bench_candidates` with "
+                "`--device cuda` into benchmarks/results/cuda/, then `python -m benchmarks.readme`).", ""]  # fmt: skip
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--print" in argv:
-        print(section())
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split(":")[0])
+    ap.add_argument("--print", action="store_true", help="print the section instead of rewriting README.md")
+    ap.add_argument("--dir", type=Path, help="with --print: only this results folder (e.g. a GPU run's --out)")
+    args = ap.parse_args(argv)
+    if args.dir and not args.print:
+        ap.error("--dir only goes with --print (README.md is rendered from benchmarks/results)")
+    if args.print:
+        print("\n".join(device_section(args.dir)) if args.dir else section())
         return 0
     readme = ROOT / "README.md"
     text = readme.read_text()
