@@ -54,7 +54,7 @@ class BatchedStep:
         self.calls += 1
         if self.mode == "vmap":
             try:
-                loss = self._vmap_first(item) if self.calls == 1 else self._vmap(item)
+                loss = self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
                 if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
                     raise  # candidates; compiled: the caller retries this vmap eagerly (engine/graphed.py)
@@ -113,32 +113,31 @@ class BatchedStep:
             return self.scaler.scale
         return torch.ones(self.arena.k, device=self.arena.device)
 
-    def _vmap_first(self, item) -> torch.Tensor:
-        with _batchable_attention(self.arena.device):
-            return self._vmap_noted(item)
-
-    def _vmap_noted(self, item) -> torch.Tensor:
-        """The first vmapped call, with PyTorch's "no batching rule for aten::op" warnings turned into notes (each
-        such op runs once per candidate inside the batched step: a slow path); other warnings are passed on."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    def _vmap(self, item) -> torch.Tensor:
+        """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
+        (each such op runs once per candidate inside the batched step: a slow path); later calls silence them."""
+        first = self.calls == 1
+        with _batchable_attention(self.arena.device), warnings.catch_warnings(record=first) as caught:
+            if first:
+                warnings.simplefilter("always")
+            else:
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)  # said once, in the notes
             loss = self._vmap_call(item)
+        if first:
+            self._note_batching_rules(caught)
+        return loss
+
+    def _note_batching_rules(self, caught: list) -> None:
         ops = []
         for w in caught:
             m = re.search(_NO_BATCHING_RULE + r" for (\S+?)\.? ", str(w.message))
             if m:
                 ops.append(m.group(1))
-            else:
+            else:  # not ours: passed on
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         if ops:
             self.notes.append(f"vmap has no batching rule for {', '.join(dict.fromkeys(ops))}: PyTorch runs it once "
                               "per candidate inside the batched step (a slow path; the other ops stay batched)")
-        return loss
-
-    def _vmap(self, item) -> torch.Tensor:
-        with _batchable_attention(self.arena.device), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)  # said once, in the notes
-            return self._vmap_call(item)
 
     def _vmap_call(self, item) -> torch.Tensor:
         params = dict(zip(self.names, self.p))
