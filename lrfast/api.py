@@ -15,10 +15,12 @@ from lrfast import batches as _batches
 from lrfast import distributed as _distributed
 from lrfast import optimizers, schedule, strategies
 from lrfast import suggest as _suggest
-from lrfast.engine import amp, batched, graphed, runner
+from lrfast.engine import amp, graphed, runner, update
+from lrfast.engine import memory as _memory
 from lrfast.engine.arena import Arena
-from lrfast.engine.step import Accumulate, ModuleStep
+from lrfast.engine.forward import Accumulate, BatchedStep, ModuleStep, stackable
 from lrfast.engine.tracker import Tracker
+from lrfast.errors import OutOfMemoryError, is_oom
 from lrfast.result import LRFindResult
 from lrfast.state import Snapshot, capture_rng, restore_rng, seed_all
 
@@ -163,7 +165,7 @@ def find(
             notes.append(f"val_loader has {len(val)} batch(es), fewer than val_batches={val_batches}: each is scored "
                          "once")  # fmt: skip
         mine = end - first
-        chunk, memory = _chunk_size(model, plan, micro[0], loss_fn, device, mine, max_memory)
+        chunk, memory = _memory.chunk_size(model, plan, micro[0], loss_fn, device, mine, max_memory)
         if sync is not None:
             params = sum(p.numel() for g in plan.groups for p in g.params)
             # ddp: the first batch tells whether the ranks read shards; candidates: every batch must be the same
@@ -189,10 +191,10 @@ def find(
                                      graphs)  # fmt: skip
                     oom = ""
                 except Exception as e:
-                    if not batched.is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
+                    if not is_oom(e) or started[0] > 1:  # only an OOM while setting up or in the first step
                         raise
                     if hi - lo == 1:
-                        raise OutOfMemoryError(_oom_message(e, device, steps, accumulate, memory)) from e
+                        raise OutOfMemoryError(_memory.oom_message(e, device, steps, accumulate, memory)) from e
                     if dist_mode == "ddp":
                         raise OutOfMemoryError(f"out of memory on {device} with {hi - lo} candidates in one pass: "
                                                "distributed='ddp' cannot retry with fewer (every rank would have "
@@ -292,13 +294,13 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     scaler = amp.Scaler(c, device) if precision == "fp16" else None
     shared = c == 1 or strategy != "seeds"
     flat = splits if accumulate == 1 else [s for group in splits for s in group]
-    why_loop = "" if shared else batched.stackable(flat)
+    why_loop = "" if shared else stackable(flat)
 
     def make_step(compiled: bool):
         if c == 1:
             inner = ModuleStep(model, arena, loss_fn, precision, scaler, compile=compiled)
         else:
-            inner = batched.BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
+            inner = BatchedStep(model, arena, loss_fn, randomness="same" if shared else "different",
                                         why_loop=why_loop, precision=precision, scaler=scaler,
                                         compile=compiled)  # fmt: skip
         built.append(inner)
@@ -340,7 +342,7 @@ def _run_chunk(model, plan, snap, splits, table, orders, strategy, loss_fn, devi
     else:
         step = make_step(False)
         if plan.kind == "generic" and c > 1:
-            generic = batched.candidate_optimizers(plan, arena)
+            generic = update.candidate_optimizers(plan, arena)
         steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker, bar, generic=generic, val=val,
                                val_every=val_every, scaler=scaler, sync=sync)  # fmt: skip
         compiled = graphed_ = False
@@ -377,10 +379,6 @@ def _why_eager(plan, index, why_loop: str) -> str:
     return why_loop
 
 
-class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
-    """Not even one candidate fits in memory (catchable as torch.OutOfMemoryError or MemoryError)."""
-
-
 class _Counted:
     """A step that counts the calls begun into started[0] (one per training step)."""
 
@@ -393,32 +391,6 @@ class _Counted:
 
     def evaluate(self, splits):
         return self.step.evaluate(splits)
-
-
-def _oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict) -> str:
-    estimate = f" (estimated ~{memory['per_candidate'] / 2**20:.1f} MiB per candidate)" if memory else ""
-    return (
-        f"out of memory on {device} with a single candidate{estimate}: {type(e).__name__}: {str(e)[:300]}; nothing "
-        f"fits, not even one candidate at a time. The batches of all steps ({steps * accumulate} now) are cached on "
-        f"{device} up front: pass fewer steps or smaller batches, use a smaller model, or free memory on the device "
-        "(max_memory only caps the candidates run together, and 1 is the floor)"
-    )
-
-
-def _chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:
-    """How many candidates one pass may hold. K = 1 without max_memory: no probe (the fast path stays as it was)."""
-    if k == 1 and max_memory is None:
-        return 1, {}
-    parts = batched.estimate_bytes(model, Arena(plan, 1, device), split, loss_fn)
-    per = sum(parts.values())
-    budget = int(max_memory) if max_memory is not None else batched.available_bytes(device)
-    fit = min(k, budget // per)
-    if fit < 1:
-        detail = ", ".join(f"{name} {v / 2**20:.2f} MiB" for name, v in parts.items())
-        raise ValueError(f"max_memory={max_memory!r}: one candidate needs ~{per} bytes ({detail}), more than the "
-                         f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
-                         "memory")  # fmt: skip
-    return int(fit), {**parts, "per_candidate": per, "budget": budget}
 
 
 def _check_engine(compile, graphs, device: torch.device) -> tuple[bool, bool]:

@@ -24,11 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lrfast.errors import DistributedError  # noqa: F401 - raised here, importable from here as before
+
 MODES = ("ddp", "candidates", "off")
-
-
-class DistributedError(RuntimeError):
-    """A collective of a distributed range test failed or timed out: another rank raised or stalled."""
 
 
 def unwrap(model):

@@ -53,8 +53,9 @@ class Slots:
     the user's optimizer silently stops updating it); with both names passed it refuses them as tied."""
 
     def __init__(self, model: nn.Module):
-        self.params = [(m._parameters, n, t) for m in model.modules() for n, t in m._parameters.items() if t is not None]
-        self.buffers = [(m._buffers, n, t) for m in model.modules() for n, t in m._buffers.items() if t is not None]
+        modules = list(model.modules())
+        self.params = [(m._parameters, n, t) for m in modules for n, t in m._parameters.items() if t is not None]
+        self.buffers = [(m._buffers, n, t) for m in modules for n, t in m._buffers.items() if t is not None]
 
     def call(self, module: nn.Module, params: dict[int, torch.Tensor], buffers: dict[int, torch.Tensor], args: tuple,
              kwargs: dict):
@@ -75,6 +76,11 @@ class Slots:
     def put_back(self) -> None:
         for d, name, t in self.params + self.buffers:
             d[name] = t
+
+
+def ids_by_name(model: nn.Module) -> dict[str, int]:
+    """Parameter and buffer names (each tensor's first name, as named_parameters gives it) -> the tensor's id."""
+    return {n: id(t) for named in (model.named_parameters(), model.named_buffers()) for n, t in named}
 
 
 class Snapshot:

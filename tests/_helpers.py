@@ -75,12 +75,13 @@ def ulp(magnitude: float, dtype: torch.dtype = torch.float32) -> float:
 
 
 def assert_close_in_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float, *of: torch.Tensor) -> None:
-    """|got - want| <= ulps x the ulp of the largest magnitude among want and `of` (the operands; finite values): a rounding
-    difference inside a kernel is an ulp of the values it combines, also where the result cancels towards 0."""
+    """|got - want| <= ulps x the ulp of the largest magnitude among want and `of` (the operands; finite values): a
+    rounding difference inside a kernel is an ulp of the values it combines, also where the result cancels towards 0."""
     finite = [t.detach().abs()[torch.isfinite(t)] for t in (want, *of)]  # inf and NaN must match where they are
     magnitude = max(float(t.max()) if t.numel() else 0.0 for t in finite)
     atol = ulps * ulp(magnitude, want.dtype)
-    torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{m}\n(allowed {ulps} ulp of {magnitude:.3g})")
+    torch.testing.assert_close(got, want, rtol=0, atol=atol,
+                               msg=lambda m: f"{m}\n(allowed {ulps} ulp of {magnitude:.3g})")  # fmt: skip
 
 
 def triton_kernels():

@@ -140,7 +140,8 @@ CLI_CASES = {
     # name: (argv, with {tmp} for the test's folder, words the SystemExit message must contain)
     "data_dir_missing": (["demo", "--data", "{tmp}/missing"], ["--data", "not a folder", "IDX"]),
     "out_is_a_file": (["demo", "--out", "{tmp}/afile"], ["--out", "cannot be created"]),
-    "out_under_a_file": (["find", "lrfast_cli_target:good", "--out", "{tmp}/afile/sub"], ["--out", "cannot be created"]),
+    "out_under_a_file": (["find", "lrfast_cli_target:good", "--out", "{tmp}/afile/sub"],
+                         ["--out", "cannot be created"]),
     "steps_one": (["demo", "--steps", "1"], ["steps=1", ">= 2"]),
     "min_lr_zero": (["find", "lrfast_cli_target:good", "--min-lr", "0"], ["min_lr=0.0", "> 0"]),
     "min_lr_above_max_lr": (["find", "lrfast_cli_target:good", "--min-lr", "1", "--max-lr", "0.1"],

@@ -16,7 +16,7 @@ from _helpers import assert_same_rng, assert_same_state, make_batches, make_mlp,
 from torch import nn
 
 import lrfast
-from lrfast.engine import batched
+from lrfast.engine import forward
 
 
 def _temp_names() -> set:
@@ -154,7 +154,7 @@ def test_oom_on_the_first_chunk_retries_with_half_the_candidates(tmp_path, monke
     model, batches = make_mlp(batchnorm=True), make_batches()
     whole = lrfast.find(model, batches, **OOM_KW)
     assert whole.info["chunk"] == 4
-    _oom_when(monkeypatch, batched.BatchedStep, too_many=2)
+    _oom_when(monkeypatch, forward.BatchedStep, too_many=2)
     with nothing_lost(model, tmp_path, monkeypatch):
         res = lrfast.find(model, batches, **OOM_KW)
     assert res.info["chunk"] == 2 and res.info["forward"] == "vmap (K=2)"
@@ -169,7 +169,7 @@ def test_oom_as_a_runtime_error_halves_down_to_one_candidate(tmp_path, monkeypat
     model, batches = make_mlp(), make_batches()
     whole = lrfast.find(model, batches, **OOM_KW)
     err = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes")
-    _oom_when(monkeypatch, batched.BatchedStep, too_many=1, exc=err)
+    _oom_when(monkeypatch, forward.BatchedStep, too_many=1, exc=err)
     with nothing_lost(model, tmp_path, monkeypatch):
         res = lrfast.find(model, batches, **OOM_KW)
     assert res.info["chunk"] == 1 and res.info["forward"] == "module (K=1)"
@@ -198,12 +198,12 @@ def test_oom_while_allocating_the_arena_is_retried_too(tmp_path, monkeypatch):
 
 
 def test_oom_with_a_single_candidate_is_a_clear_error_and_nothing_changes(tmp_path, monkeypatch):
-    from lrfast.engine import step as step_mod
+    from lrfast.engine import forward
 
     model = make_mlp(batchnorm=True, dropout=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _oom_when(monkeypatch, batched.BatchedStep, too_many=0)
-    _oom_when(monkeypatch, step_mod.ModuleStep, too_many=0)
+    _oom_when(monkeypatch, forward.BatchedStep, too_many=0)
+    _oom_when(monkeypatch, forward.ModuleStep, too_many=0)
     for kw in (OOM_KW, dict(steps=8, progress=False)):  # grid K=4 (4 -> 2 -> 1, then fails) and a sweep
         with nothing_lost(model, tmp_path, monkeypatch, opt):
             with pytest.raises(MemoryError) as info:
@@ -218,7 +218,7 @@ def test_oom_with_a_single_candidate_is_a_clear_error_and_nothing_changes(tmp_pa
 
 def test_oom_after_the_first_step_is_not_retried_and_propagates(tmp_path, monkeypatch):
     exc = torch.OutOfMemoryError("CUDA out of memory at step 3")
-    _oom_when(monkeypatch, batched.BatchedStep, too_many=0, exc=exc, at_call=3)
+    _oom_when(monkeypatch, forward.BatchedStep, too_many=0, exc=exc, at_call=3)
     model = make_mlp()
     with nothing_lost(model, tmp_path, monkeypatch):
         with pytest.raises(torch.OutOfMemoryError) as info:
@@ -229,14 +229,14 @@ def test_oom_after_the_first_step_is_not_retried_and_propagates(tmp_path, monkey
 def test_oom_inside_vmap_reaches_the_retry_instead_of_the_loop_fallback(tmp_path, monkeypatch):
     model, batches = make_mlp(), make_batches()
     whole = lrfast.find(model, batches, **OOM_KW)
-    real = batched.BatchedStep._vmap
+    real = forward.BatchedStep._vmap
 
     def vmap_oom(self, item):
         if self.arena.k > 2:
             raise torch.OutOfMemoryError("injected: out of memory inside vmap")
         return real(self, item)
 
-    monkeypatch.setattr(batched.BatchedStep, "_vmap", vmap_oom)
+    monkeypatch.setattr(forward.BatchedStep, "_vmap", vmap_oom)
     with nothing_lost(model, tmp_path, monkeypatch):
         res = lrfast.find(model, batches, **OOM_KW)
     assert res.info["chunk"] == 2 and res.info["forward"] == "vmap (K=2)"

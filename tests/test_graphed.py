@@ -12,8 +12,7 @@ from _helpers import make_batches, make_mlp, triton_kernels
 from lrfast import batches, optimizers, schedule, strategies
 from lrfast.engine import graphed, runner
 from lrfast.engine.arena import Arena
-from lrfast.engine.batched import BatchedStep
-from lrfast.engine.step import ModuleStep
+from lrfast.engine.forward import BatchedStep, ModuleStep
 from lrfast.engine.tracker import Tracker
 from lrfast.state import Snapshot
 

@@ -26,8 +26,8 @@ from torch.utils import _pytree as pytree
 from lrfast.batches import stack, stack_difference
 from lrfast.engine import runner
 from lrfast.engine.arena import Arena
-from lrfast.engine.batched import is_oom
 from lrfast.engine.tracker import Tracker
+from lrfast.errors import is_oom
 from lrfast.state import capture_rng, restore_rng
 
 WARMUP = 3  # steps before capture: the first compiles, the others let autograd's streams and the allocator settle
@@ -88,7 +88,7 @@ def run(make_step: Callable[[bool], object], compile: bool, arena: Arena, static
         check_every: int = 10, val=None, val_every: int = 1, scaler=None, sync=None, warmup: int = WARMUP,
         strict: bool = False) -> dict:  # fmt: skip
     """Run up to S steps (lr_table [S, K] on the device). `make_step(compile)` builds the step (forward + backward
-    of every candidate, grads into the arena; see step.py / batched.py); a compile that fails falls back to the
+    of every candidate, grads into the arena; see engine/forward.py); a compile that fails falls back to the
     eager step. `buffers(step)`: the step's mutable non-arena tensors (BatchNorm running stats), reset after
     warm-up.
     `sync` (distributed.Sync): grads and losses averaged over the ranks inside the step (NCCL inside the graph).

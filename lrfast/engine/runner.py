@@ -16,7 +16,7 @@ def run(step, arena: Arena, plan: optimizers.Plan, splits: list, lr_table: torch
         val_every: int = 1, scaler=None, sync=None) -> int:  # fmt: skip
     """Run up to S steps; returns the number of steps run (the last one is the step where the last candidate
     stopped). lr_table is [S, K] float64 on the device; splits[t] is what `step` takes at step t. `generic`: with
-    K > 1 on the generic path, one torch.optim instance per candidate (batched.candidate_optimizers). `val`: cached
+    K > 1 on the generic path, one torch.optim instance per candidate (update.candidate_optimizers). `val`: cached
     validation batches, scored (step.evaluate) after the update of every `val_every`-th step and of the last.
     `sync` (distributed.Sync, ddp mode): after each backward, grads and losses are averaged over the ranks, so every
     rank records the global loss and stops at the same step; validation losses are averaged too."""

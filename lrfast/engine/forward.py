@@ -1,18 +1,23 @@
-"""Forward and backward of K > 1 candidates in one call: the model called with its parameter slots holding the arena's stacked
-parameter views [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the
-gradients are copied into the arena's flat grad buffer for the fused optimizer. Where vmap cannot serve a model
-(data-dependent control flow, .item(), unstackable batches...) a per-candidate loop of functional_call +
-autograd.grad runs instead; `mode` and `why` say which ran and why. The user's model is never written: its
-parameters and buffers are only swapped for the call (state.Slots: every alias, put back also on an exception).
+"""The forward and backward of one training step, grads into the arena's flat grad buffer, for every way the K
+candidates can run:
 
-Randomness (dropout): "same" gives every candidate the same masks at a step (grid: a candidate's curve does not
-depend on K); "different" gives each its own, all drawn from the one global generator, so candidate k's masks
-depend on K (seeds: deterministic for a given (seed, K))."""
+- K = 1 (ModuleStep): the model itself, its parameters pointing into the arena's row 0 and its .grad into the
+  arena's flat grad buffer, so backward accumulates straight into the buffer the fused kernel reads (no gather).
+- K > 1 (BatchedStep): the model called with its parameter slots holding the arena's stacked parameter views
+  [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the grads are
+  copied into the arena. Where vmap cannot serve a model (data-dependent control flow, .item(), unstackable
+  batches...) a per-candidate loop runs instead; `mode`, `why` and `notes` say which ran and why. The user's
+  model is never written: its parameters and buffers are only swapped for the call (state.Slots: every alias, put
+  back also on an exception).
+- Accumulate: N micro-batches per step, grads and losses averaged.
+
+Randomness (dropout) with K > 1: "same" gives every candidate the same masks at a step (grid: a candidate's curve
+does not depend on K); "different" gives each its own, all drawn from the one global generator, so candidate k's
+masks depend on K (seeds: deterministic for a given (seed, K))."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import warnings
 
@@ -21,10 +26,93 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
-from lrfast.batches import Split, explain_arity, resolve_loss, stack, stack_difference
+from lrfast.batches import Split, stack, stack_difference
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
-from lrfast.state import Slots
+from lrfast.errors import is_oom
+from lrfast.loss import check_finite, check_scalar, explain_arity, first_loss, resolve_loss
+from lrfast.state import Slots, capture_rng, ids_by_name, restore_rng
+
+
+class ModuleStep:
+    def __init__(self, model: nn.Module, arena: Arena, loss_fn, precision: str = "fp32", scaler=None,
+                 compile: bool = False):  # fmt: skip
+        self.model, self.arena, self.user_loss_fn = model, arena, loss_fn
+        self.forward = torch.compile(model, dynamic=False) if compile else model  # training forward (+ backward)
+        self.precision, self.scaler = precision, scaler
+        self.loss_f = None
+        self.loss_desc = ""
+        self.copy_grads = False  # set when autograd did not accumulate into the preset .grad views
+
+    def __call__(self, split: Split) -> torch.Tensor:
+        """Zero grads, forward, loss, backward; returns the detached loss as a [1] tensor."""
+        self.arena.zero_grad()
+        first = self.loss_f is None
+        with autocast(self.arena.device, self.precision):
+            if first:
+                out = explain_arity(self.forward, split, *split.args, **split.kwargs)
+            else:
+                out = self.forward(*split.args, **split.kwargs)
+            loss = self._first_loss(out, split) if first else self.loss_f(out, split)
+        (loss if self.scaler is None else loss * self.scaler.scale[0]).backward()
+        if first:  # autograd accumulates into preset .grad views; check once that it did
+            for seg in self.arena.segments:
+                for p, view in zip(seg.params, seg.views(seg.g, 0)):
+                    if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                        self.copy_grads = True
+        if self.copy_grads:
+            self._copy_grads()
+        return loss.detach().float().reshape(1)
+
+    @torch.no_grad()
+    def evaluate(self, splits: list[Split]) -> torch.Tensor:
+        """Mean loss over the cached validation batches in eval mode (no dropout, BatchNorm running stats used,
+        not updated), without touching grads or training; returns [1]."""
+        self.model.eval()
+        try:
+            with autocast(self.arena.device, self.precision):
+                total = sum(self.loss_f(self.model(*s.args, **s.kwargs), s).detach().float().reshape(1)
+                            for s in splits)  # fmt: skip
+        finally:
+            self.model.train()
+        return total / len(splits)
+
+    def _first_loss(self, out, split: Split) -> torch.Tensor:
+        self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+        return first_loss(self.loss_f, self.loss_desc, self.user_loss_fn, out, split)
+
+    def _copy_grads(self) -> None:
+        for seg in self.arena.segments:
+            for p, view in zip(seg.params, seg.views(seg.g, 0)):
+                if p.grad is None:
+                    view.zero_()
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+                    p.grad = view
+
+
+class Accumulate:
+    """Gradient accumulation: a step over N micro-batches whose grads and losses are averaged, which equals one
+    step on their concatenation for a mean-reduced loss and micro-batches of one size. Wraps ModuleStep or
+    BatchedStep (each call of which leaves one micro-batch's grads in the arena)."""
+
+    def __init__(self, step, arena: Arena):
+        self.step, self.arena = step, arena
+        self.sums = [torch.empty_like(seg.g) for seg in arena.segments]
+
+    def __call__(self, items: list) -> torch.Tensor:
+        total = None
+        for i, item in enumerate(items):
+            loss = self.step(item)
+            for acc, seg in zip(self.sums, self.arena.segments):
+                acc.copy_(seg.g) if i == 0 else acc.add_(seg.g)
+            total = loss if total is None else total + loss
+        for acc, seg in zip(self.sums, self.arena.segments):
+            torch.div(acc, len(items), out=seg.g)
+        return total / len(items)
+
+    def evaluate(self, splits: list) -> torch.Tensor:
+        return self.step.evaluate(splits)
 
 
 class BatchedStep:
@@ -35,7 +123,7 @@ class BatchedStep:
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for seg in arena.segments for p in seg.params]
-        self.slots, self.ids = Slots(model), _ids_by_name(model)
+        self.slots, self.ids = Slots(model), ids_by_name(model)
         self.p = [v for seg in arena.segments for v in seg.stacked(seg.p)]
         self.g = [v for seg in arena.segments for v in seg.stacked(seg.g)]
         self.buffers = _clone_buffers(model, arena.k)
@@ -53,6 +141,7 @@ class BatchedStep:
         all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
         self.calls += 1
         if self.mode == "vmap":
+            rng = capture_rng() if self.calls == 1 else None
             try:
                 loss = self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
@@ -63,11 +152,12 @@ class BatchedStep:
                 self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop (K module calls per "
                                   f"step, slower than one batched call): {self.why}")  # fmt: skip
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
+                restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
                 loss = self._loop_first(item)
         else:
             loss = self._loop_first(item) if self.calls == 1 else self._loop(item)
         if self.calls == 1:
-            _check_first(loss)
+            check_finite(loss)
         return loss
 
     @torch.no_grad()
@@ -173,10 +263,7 @@ class BatchedStep:
                 if self.loss_f is None:
                     self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
                 loss = self.loss_f(out, split)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn: the loss must be a scalar tensor, got {shape}; reduce it (e.g. .mean()) "
-                                 "or use a loss with reduction='mean'")  # fmt: skip
+            check_scalar(loss)
             scale = 1.0 if self.scaler is None else self.scaler.scale[k]
             grads = torch.autograd.grad(loss.reshape(()).float() * scale, leaves, allow_unused=True)
             for g, view in zip(grads, self.g):
@@ -200,19 +287,6 @@ def _batchable_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def is_oom(e: BaseException) -> bool:
-    """An out-of-memory error, host or device, as torch raises it."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _ids_by_name(model: nn.Module) -> dict[str, int]:
-    """Parameter and buffer names (each tensor's first name, as named_parameters gives it) -> the tensor's id."""
-    return {n: id(t) for named in (model.named_parameters(), model.named_buffers()) for n, t in named}
-
-
 def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
 
@@ -221,89 +295,3 @@ def stackable(splits: list[Split]) -> str:
     """'' when the per-candidate batches can be stacked for vmap, else why not."""
     why = stack_difference(splits)
     return f"{why}: seeds run a loop" if why else ""
-
-
-def _check_first(loss: torch.Tensor) -> None:
-    values = loss.detach().cpu()
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(
-            f"the loss is {values.tolist()} at the first step, before any update: the model or the data is broken "
-            "(not the learning rate); check the inputs for NaN/inf and the model's initialization"
-        )
-
-
-def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
-    """Bytes one candidate needs: weights, grads, optimizer state (arena), buffers, the grads vmap returns before
-    they are copied into the arena, and the activations autograd saves in one probe forward (measured with
-    saved_tensors_hooks; the RNG and the model are left as they were)."""
-    seen: dict[int, int] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    leaves = {names[id(p)]: v.detach().clone().requires_grad_()
-              for seg in arena.segments for p, v in zip(seg.params, seg.views(seg.p, 0))}  # fmt: skip
-    own = {v.data_ptr() for v in leaves.values()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    ids = _ids_by_name(model)
-    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = explain_arity(Slots(model).call, split, model, {ids[n]: t for n, t in leaves.items()},
-                            {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # the first call
-        loss_f, _ = resolve_loss(loss_fn, out, split)
-        loss = loss_f(out, split)
-    grads = sum(v.nbytes for v in leaves.values())
-    return {
-        "arena": arena.nbytes_per_candidate,
-        "buffers": sum(b.nbytes for b in buffers.values()),
-        "grads_out": grads,
-        "activations": sum(seen.values()) + (loss.nbytes if isinstance(loss, torch.Tensor) else 0),
-    }
-
-
-def available_bytes(device: torch.device) -> int:
-    """A safe budget: half of the host's available memory (MemAvailable), 80 % of a GPU's free memory."""
-    if device.type == "cuda":
-        return int(0.8 * torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
-
-
-def candidate_optimizers(plan, arena: Arena) -> list[torch.optim.Optimizer]:
-    """Generic optimizers with K > 1: one private instance of the user's class per candidate, over leaf views of
-    that candidate's row of the arena (params and grads), with the user's param groups and hyper-parameters."""
-    opt, out = plan.generic, []
-    for k in range(arena.k):
-        leaf = {}
-        for seg in arena.segments:
-            for p, pv, gv in zip(seg.params, seg.views(seg.p, k), seg.views(seg.g, k)):
-                t = pv.detach()
-                t.grad = gv
-                leaf[id(p)] = t
-        groups = []
-        for g in opt.param_groups:
-            hyper = {key: v for key, v in g.items() if key != "params"}
-            groups.append({**hyper, "params": [leaf[id(p)] for p in g["params"] if id(p) in leaf]})
-        try:
-            out.append(type(opt)(groups, **opt.defaults))
-        except TypeError as e:
-            raise NotImplementedError(
-                f"optimizer={type(opt).__name__} with candidates > 1: its constructor does not take (groups, "
-                f"**defaults) back ({e}); use optimizer='sgd'/'adam'/'adamw', or candidates=1"
-            ) from e
-    return out
-
-
-def fits(per_candidate: int, budget: int) -> int:
-    return int(budget // per_candidate) if per_candidate > 0 else math.inf

@@ -1,0 +1,87 @@
+"""Memory: the bytes one candidate needs (weights, grads, optimizer state, buffers, the grads vmap returns, the
+activations of one probe step), the budget a run may use, how many candidates fit in one pass, and what an
+out-of-memory error says."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lrfast.batches import Split
+from lrfast.engine.arena import Arena
+from lrfast.loss import explain_arity, resolve_loss
+from lrfast.state import Slots, ids_by_name
+
+
+def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
+    """Bytes one candidate needs: weights, grads, optimizer state (arena), buffers, the grads vmap returns before
+    they are copied into the arena, and the activations autograd saves in one probe forward (measured with
+    saved_tensors_hooks; the RNG and the model are left as they were)."""
+    seen: dict[int, int] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    leaves = {names[id(p)]: v.detach().clone().requires_grad_()
+              for seg in arena.segments for p, v in zip(seg.params, seg.views(seg.p, 0))}  # fmt: skip
+    own = {v.data_ptr() for v in leaves.values()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    ids = ids_by_name(model)
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = explain_arity(Slots(model).call, split, model, {ids[n]: t for n, t in leaves.items()},
+                            {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # the first call
+        loss_f, _ = resolve_loss(loss_fn, out, split)
+        loss = loss_f(out, split)
+    grads = sum(v.nbytes for v in leaves.values())
+    return {
+        "arena": arena.nbytes_per_candidate,
+        "buffers": sum(b.nbytes for b in buffers.values()),
+        "grads_out": grads,
+        "activations": sum(seen.values()) + (loss.nbytes if isinstance(loss, torch.Tensor) else 0),
+    }
+
+
+def available_bytes(device: torch.device) -> int:
+    """A safe budget: half of the host's available memory (MemAvailable), 80 % of a GPU's free memory."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+
+
+def chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:
+    """How many candidates one pass may hold. K = 1 without max_memory: no probe (the fast path stays as it was)."""
+    if k == 1 and max_memory is None:
+        return 1, {}
+    parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn)
+    per = sum(parts.values())
+    budget = int(max_memory) if max_memory is not None else available_bytes(device)
+    fit = min(k, budget // per)
+    if fit < 1:
+        detail = ", ".join(f"{name} {v / 2**20:.2f} MiB" for name, v in parts.items())
+        raise ValueError(f"max_memory={max_memory!r}: one candidate needs ~{per} bytes ({detail}), more than the "
+                         f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
+                         "memory")  # fmt: skip
+    return int(fit), {**parts, "per_candidate": per, "budget": budget}
+
+
+def oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict) -> str:
+    estimate = f" (estimated ~{memory['per_candidate'] / 2**20:.1f} MiB per candidate)" if memory else ""
+    return (
+        f"out of memory on {device} with a single candidate{estimate}: {type(e).__name__}: {str(e)[:300]}; nothing "
+        f"fits, not even one candidate at a time. The batches of all steps ({steps * accumulate} now) are cached on "
+        f"{device} up front: pass fewer steps or smaller batches, use a smaller model, or free memory on the device "
+        "(max_memory only caps the candidates run together, and 1 is the floor)"
+    )
