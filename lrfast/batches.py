@@ -109,7 +109,7 @@ class Split:
     target: Any
 
 
-# a pytree node, so a step's inputs (a Split, or lists of them) flatten to their tensors (engine/graphed.py stacks
+# a pytree node, so a step's inputs (a Split, or lists of them) flatten to their tensors (engine/loop.py stacks
 # them for replay)
 pytree.register_pytree_node(Split, lambda s: ([s.args, s.kwargs, s.target], None), lambda c, _: Split(*c),
                             serialized_type_name="lrfast.batches.Split")  # fmt: skip

@@ -32,16 +32,18 @@ class Group:
 
 
 @dataclass
-class Plan:
+class OptimizerPlan:
+    """How the run trains: the fused kernel kind and its param groups, or a private torch.optim instance."""
+
     kind: str  # "sgd" | "adam" (Adam and AdamW) | "generic"
     groups: list[Group]
     optimizer_class: str
-    generic: torch.optim.Optimizer | None = None  # the private optimizer the generic path steps
+    instance: torch.optim.Optimizer | None = None  # generic path: the private torch.optim instance it steps
     scales: list[float] = field(default_factory=list)  # per param group of `generic`
     notes: list[str] = field(default_factory=list)
 
 
-def resolve(optimizer, model: nn.Module) -> Plan:
+def resolve(optimizer, model: nn.Module) -> OptimizerPlan:
     """Validate `optimizer` against `model` and plan the run. Never touches a user's optimizer's state."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -58,7 +60,7 @@ def resolve(optimizer, model: nn.Module) -> Plan:
             )
         # No torch.optim instance here: the first one in a process imports torch._dynamo (~1.7 s on 2 cores).
         kind, hp = DEFAULTS[name]
-        return Plan(kind, [Group(trainable, hp)], NAMES[name], scales=[1.0])
+        return OptimizerPlan(kind, [Group(trainable, hp)], NAMES[name], scales=[1.0])
     if isinstance(optimizer, torch.optim.Optimizer):
         return _plan(optimizer, model, owned=False)
     if callable(optimizer):
@@ -75,7 +77,7 @@ def resolve(optimizer, model: nn.Module) -> Plan:
     )
 
 
-def _plan(opt: torch.optim.Optimizer, model: nn.Module, owned: bool) -> Plan:
+def _plan(opt: torch.optim.Optimizer, model: nn.Module, owned: bool) -> OptimizerPlan:
     model_params = {id(p) for p in model.parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -98,10 +100,10 @@ def _plan(opt: torch.optim.Optimizer, model: nn.Module, owned: bool) -> Plan:
             "optimizer: none of its parameters is trainable (requires_grad=False everywhere); unfreeze the layers "
             "to train before the range test"
         )
-    plan = Plan(kind, groups, type(opt).__name__, scales=scales)
+    plan = OptimizerPlan(kind, groups, type(opt).__name__, scales=scales)
     if kind == "generic":
         plan.notes.append(f"{type(opt).__name__}: generic torch.optim path ({why}); correct, slower than fused")
-        plan.generic = opt if owned else _fresh_copy(opt, plan.notes)
+        plan.instance = opt if owned else _fresh_copy(opt, plan.notes)
     return plan
 
 

@@ -172,13 +172,13 @@ def test_cli_bad_input_exits_with_the_message_before_training(case, tmp_path, mo
     import sys
 
     from lrfast.cli import main
-    from lrfast.engine import runner
+    from lrfast.engine import loop
 
     argv, words = CLI_CASES[case]
     (tmp_path / "lrfast_cli_target.py").write_text(TARGET)
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "run", _never_trains)
+    monkeypatch.setattr(loop.Step, "__call__", _never_trains)
     monkeypatch.delitem(sys.modules, "lrfast_cli_target", raising=False)
     import importlib
 
@@ -270,12 +270,12 @@ LIGHTNING_CASES = ["train_dataloader_not_defined",
 def test_lightning_bad_input_raises_a_clear_error_and_changes_nothing(case, monkeypatch):
     cases = _lightning_cases()
     assert sorted(cases) == sorted(LIGHTNING_CASES)
-    from lrfast.engine import runner
+    from lrfast.engine import loop
     from lrfast.integrations import lightning as lrl
 
     factory, kwargs, exc, words = cases[case]
     if case != "training_step_returns_none":  # that one is only seen when the first step runs
-        monkeypatch.setattr(runner, "run", _never_trains)
+        monkeypatch.setattr(loop.Step, "__call__", _never_trains)
     module = factory()
     before, rng = state_of(module), rng_states()
     with pytest.raises(exc) as info:
@@ -312,10 +312,10 @@ MIXED = {
 
 @pytest.mark.parametrize("case", list(MIXED))
 def test_batches_of_mixed_structure_are_refused_before_training(case, monkeypatch):
-    from lrfast.engine import runner
+    from lrfast.engine import loop
 
     loader, index, words = MIXED[case]
-    monkeypatch.setattr(runner, "run", _never_trains)
+    monkeypatch.setattr(loop.Step, "__call__", _never_trains)
     model = make_mlp()
     before, rng = state_of(model), rng_states()
     with pytest.raises(ValueError) as info:

@@ -56,12 +56,12 @@ class RaisingLoader:
 
 @pytest.mark.parametrize("strategy", ["sweep", "grid"])
 def test_loader_raising_at_step_t_propagates_unchanged_before_training(strategy, tmp_path, monkeypatch):
-    from lrfast.engine import runner
+    from lrfast.engine import loop
 
     def never(*args, **kwargs):
         raise AssertionError("a training step ran")
 
-    monkeypatch.setattr(runner, "run", never)  # batches are cached up front: the fault surfaces before step 0
+    monkeypatch.setattr(loop.Step, "__call__", never)  # batches are cached up front: the fault surfaces before step 0
     exc = OSError("the dataset's disk went away")
     model = make_mlp(batchnorm=True, dropout=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -179,18 +179,18 @@ def test_oom_as_a_runtime_error_halves_down_to_one_candidate(tmp_path, monkeypat
 
 
 def test_oom_while_allocating_the_arena_is_retried_too(tmp_path, monkeypatch):
-    from lrfast import api
+    from lrfast import run
     from lrfast.engine.arena import Arena
 
     class SmallArena(Arena):
-        def __init__(self, plan, k, device):
+        def __init__(self, plan, k, device, backend=None):
             if k > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (arena)")
-            super().__init__(plan, k, device)
+            super().__init__(plan, k, device, backend)
 
     model, batches = make_mlp(), make_batches()
     whole = lrfast.find(model, batches, **OOM_KW)
-    monkeypatch.setattr(api, "Arena", SmallArena)
+    monkeypatch.setattr(run, "Arena", SmallArena)
     with nothing_lost(model, tmp_path, monkeypatch):
         res = lrfast.find(model, batches, **OOM_KW)
     assert res.info["chunk"] == 2

@@ -1,6 +1,7 @@
-"""The GPU engine's runner (lrfast/engine/graphed.py) without capture, on CPU tensors: the device-side step counter,
-the static inputs read at it, the in-place tracker, warm-up + reset and the compile fallback give the same curves
-as the eager runner (engine/runner.py). Capture itself is tested on CUDA (tests/test_cuda.py)."""
+"""The device-counter driver (lrfast/engine/loop.py drive_graph) without capture, on CPU tensors: the device-side
+step counter, the static inputs read at it, the in-place tracker, warm-up + reset and the compile fallback give the
+same curves as the eager driver (drive_eager), through the one step body (loop.Step). Capture itself runs on CUDA
+(the tests marked cuda below)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from _helpers import make_batches, make_mlp, triton_kernels
 
 from lrfast import batches, optimizers, schedule, strategies
-from lrfast.engine import graphed, runner
+from lrfast.engine import loop, update
 from lrfast.engine.arena import Arena
 from lrfast.engine.forward import BatchedStep, ModuleStep
 from lrfast.engine.tracker import Tracker
@@ -38,8 +39,7 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
     try:
         torch.manual_seed(0)
         splits = batches.cache(make_batches(n=5), steps, device)
-        arena = Arena(plan, k, device)
-        arena.backend = backend or arena.backend
+        arena = Arena(plan, k, device, backend)
         snap.lend(arena.segments, device)
         model.train()
         tracker = Tracker(k, steps, 0.98, threshold, device)
@@ -51,33 +51,31 @@ def _run(engine: str, k: int, strategy: str, *, optimizer="adamw", steps=12, thr
             return BatchedStep(model, arena, None, randomness="different" if strategy == "seeds" else "same",
                                compile=compiled)  # fmt: skip
 
+        step = loop.Step(None, arena, update.make(plan, arena), tracker, lr_table)
         if engine == "runner":
-            step = build(False)
+            step.forward = build(False)
             if k == 1:
                 inputs = [splits[i] for i in orders[0]]
             elif strategy == "seeds":
                 inputs = [[splits[i] for i in orders[:, t]] for t in range(steps)]
             else:
                 inputs = splits
-            steps_run = runner.run(step, arena, plan, inputs, lr_table, tracker)
-            out = {}
+            out = loop.drive_eager(step, inputs)
+            steps_run = out.steps_run
         else:
             index = torch.tensor(orders.T if strategy == "seeds" and k > 1 else orders[0], device=device)
-            static = graphed.StaticInputs(splits, index.contiguous())
+            static = loop.StaticInputs(splits, index.contiguous())
             make_step = build if wrap is None else wrap(build)
-            out = graphed.run(make_step, compile, arena, static, lr_table, tracker, graphs=graphs,
-                              buffers=_buffers(model), check_every=1, strict=strict)  # fmt: skip
-            steps_run = out["steps_run"]
+            out = loop.drive_graph(step, static, make_step, compile=compile, graphs=graphs,
+                                   buffers=lambda: _buffers(model, step.forward), strict=strict)  # fmt: skip
+            steps_run = out.steps_run
         return tracker.losses.cpu().numpy(), tracker.smoothed.cpu().numpy(), steps_run, out
     finally:
         snap.restore()
 
 
-def _buffers(model):
-    def buffers(step):
-        return list(model.buffers()) if isinstance(step, ModuleStep) else list(step.buffers.values())
-
-    return buffers
+def _buffers(model, forward) -> list:
+    return list(model.buffers()) if isinstance(forward, ModuleStep) else list(forward.buffers.values())
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -118,7 +116,7 @@ def test_warm_up_steps_do_not_change_the_result():
     plain = _run("graphed", 1, "sweep", dropout=0.2)
     warmed = _run("graphed", 1, "sweep", dropout=0.2, compile=True, wrap=lambda build: lambda compiled: build(False))
     np.testing.assert_array_equal(warmed[0], plain[0])
-    assert warmed[3]["timings"]["compile"] > 0 and "compile" not in plain[3]["timings"]
+    assert warmed[3].timings["compile"] > 0 and "compile" not in plain[3].timings
 
 
 def test_compile_failure_falls_back_to_the_eager_step_with_the_reason():
@@ -144,15 +142,15 @@ def test_compile_failure_falls_back_to_the_eager_step_with_the_reason():
     got = _run("graphed", 3, "grid", compile=True, wrap=wrap)
     assert calls == [True, False]
     np.testing.assert_array_equal(got[0], plain[0])
-    assert got[3]["compiled"] is False
-    assert any("torch.compile failed" in n and "inductor said no" in n for n in got[3]["notes"])
+    assert got[3].compiled is False
+    assert any("torch.compile failed" in n and "inductor said no" in n for n in got[3].notes)
 
 
 def test_a_real_torch_compile_gives_the_eager_curve():
     """torch.compile (inductor, CPU) of the K = 1 forward: the curve equals the eager one within fp32 rounding."""
     plain = _run("graphed", 1, "sweep", steps=6)
     got = _run("graphed", 1, "sweep", steps=6, compile=True)
-    assert got[3]["compiled"] is True, got[3]["notes"]
+    assert got[3].compiled is True, got[3].notes
     np.testing.assert_allclose(got[0], plain[0], rtol=1e-5)
 
 
@@ -169,17 +167,17 @@ def test_a_real_torch_compile_gives_the_eager_curve():
     ],
 )  # fmt: skip
 def test_inputs_that_cannot_be_replayed_say_why(items, match):
-    with pytest.raises(graphed.NotStatic, match=match):
-        graphed.StaticInputs(items, torch.arange(2))
+    with pytest.raises(loop.NotStatic, match=match):
+        loop.StaticInputs(items, torch.arange(2))
 
 
 def test_static_inputs_load_the_batch_of_the_device_step():
     items = [batches.Split((torch.full((2,), float(u)),), {"n": 3}, torch.tensor(u)) for u in range(4)]
-    static = graphed.StaticInputs(items, torch.tensor([2, 0, 3]))
+    static = loop.StaticInputs(items, torch.tensor([2, 0, 3]))
     t = torch.tensor([2])
     split = static.load(t)
     assert split.args[0].tolist() == [3.0, 3.0] and int(split.target) == 3 and split.kwargs == {"n": 3}
-    per = graphed.StaticInputs(items, torch.tensor([[1, 2], [3, 0]]))
+    per = loop.StaticInputs(items, torch.tensor([[1, 2], [3, 0]]))
     k0, k1 = per.load(torch.tensor([1]))
     assert k0.args[0].tolist() == [3.0, 3.0] and k1.args[0].tolist() == [0.0, 0.0]
 
@@ -205,23 +203,23 @@ def test_cuda_graph_replay_equals_eager_steps_on_the_gpu_without_a_host_sync(k, 
     gpu = torch.device("cuda")
     want = _run("runner", k, strategy, device=gpu)
     got = _run("graphed", k, strategy, device=gpu, graphs=True, strict=True)
-    assert got[3]["graphs"] is True, got[3]["notes"]
+    assert got[3].graphs is True, got[3].notes
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
-    assert set(got[3]["timings"]) >= {"capture", "steps"}
+    assert set(got[3].timings) >= {"capture", "steps"}
 
 
 @cuda
 def test_cuda_graph_stops_when_every_candidate_diverged():
     gpu = torch.device("cuda")
     got = _run("graphed", 3, "sweep", optimizer="sgd", threshold=2.0, steps=60, max_lr=1e3, device=gpu, graphs=True)
-    assert got[3]["graphs"] is True and got[2] < 60 and got[3]["steps_replayed"] < 60
+    assert got[3].graphs is True and got[2] < 60 and got[3].steps_replayed < 60
 
 
 # ---- through lrfast.find ----
 
 
 def test_find_with_compile_on_cpu_runs_the_device_counter_engine_and_equals_eager(monkeypatch):
-    """compile=True on CPU goes through graphed.run (warm-up, reset, device counter); with torch.compile replaced
+    """compile=True on CPU goes through loop.drive_graph (warm-up, reset, device counter); with torch.compile replaced
     by the identity the curves equal the default eager path bitwise, and the timings split compile from steps."""
     import lrfast
 

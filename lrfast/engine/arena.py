@@ -10,7 +10,7 @@ from torch import nn
 
 from lrfast.kernels import cpu as kernels
 from lrfast.kernels.reference import AdamParams, SGDParams
-from lrfast.optimizers import Plan
+from lrfast.optimizers import OptimizerPlan
 
 
 @dataclass
@@ -42,11 +42,23 @@ class Segment:
         return out
 
 
+def backend_for(kind: str, device: torch.device) -> tuple[str, str | None]:
+    """(the kernels a fused arena of `kind` on `device` runs, why the Triton kernels are off): Triton on CUDA where
+    it is available, else lrfast._C on CPU where it is built, else the reference."""
+    if device.type == "cuda" and kind != "generic":
+        from lrfast.kernels import triton_optim  # imports triton: only for a CUDA arena
+
+        return ("triton" if triton_optim.AVAILABLE else "reference"), triton_optim.WHY
+    return ("cpp" if kernels.BACKEND == "cpp" else "reference"), None
+
+
 class Arena:
     """Flat buffers for K candidates, all starting from the model's current weights."""
 
-    def __init__(self, plan: Plan, k: int, device: torch.device):
+    def __init__(self, plan: OptimizerPlan, k: int, device: torch.device, backend: str | None = None):
+        """`backend`: the kernels Arena.update runs ("cpp" | "reference" | "triton"; default backend_for's)."""
         self.k, self.device, self.kind = k, device, plan.kind
+        self.backend = backend or backend_for(plan.kind, device)[0]
         self.segments: list[Segment] = []
         layout = []
         for group in plan.groups:
@@ -76,16 +88,6 @@ class Arena:
             elif plan.kind == "sgd" and group.hp.momentum != 0:
                 seg.state = {"buf": torch.zeros_like(upd)}
             self.segments.append(seg)
-        self.backend, self.why_not_triton = ("cpp" if kernels.BACKEND == "cpp" else "reference"), None
-        if device.type == "cuda" and plan.kind != "generic":
-            from lrfast.kernels import triton_optim  # imports triton: only for a CUDA arena
-
-            self.backend = "triton" if triton_optim.AVAILABLE else "reference"
-            self.why_not_triton = triton_optim.WHY
-
-    @property
-    def numel(self) -> int:
-        return sum(s.p.shape[1] for s in self.segments)
 
     @property
     def nbytes_per_candidate(self) -> int:

@@ -64,6 +64,10 @@ class ModuleStep:
             self._copy_grads()
         return loss.detach().float().reshape(1)
 
+    @property
+    def notes(self) -> list[str]:
+        return ["grads copied into the arena (autograd replaced the preset .grad)"] if self.copy_grads else []
+
     @torch.no_grad()
     def evaluate(self, splits: list[Split]) -> torch.Tensor:
         """Mean loss over the cached validation batches in eval mode (no dropout, BatchNorm running stats used,
@@ -146,7 +150,7 @@ class BatchedStep:
                 loss = self._vmap(item)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
                 if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
-                    raise  # candidates; compiled: the caller retries this vmap eagerly (engine/graphed.py)
+                    raise  # candidates; compiled: the caller retries this vmap eagerly (engine/loop.py drive_graph)
                 first_line = (str(e).strip().splitlines() or [""])[0]  # whole sentences: the first line of it
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line}"
                 self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop (K module calls per "

@@ -1,0 +1,208 @@
+"""Running a plan: the cached batches, the chunks of candidates (halved and retried when a chunk runs out of memory
+while it sets up or in its first step), and their typed results, merged over chunks and ranks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lrfast import batches as _batches
+from lrfast.engine import amp, update
+from lrfast.engine.arena import Arena
+from lrfast.engine.forward import Accumulate, BatchedStep, ModuleStep, stackable
+from lrfast.engine.loop import Outcome, Step, drive_eager, drive_graph
+from lrfast.engine.memory import oom_message
+from lrfast.engine.tracker import Tracker
+from lrfast.errors import OutOfMemoryError, is_oom
+from lrfast.plan import Plan
+from lrfast.state import Snapshot, capture_rng, restore_rng
+
+
+@dataclass
+class Data:
+    """What the run trains and validates on, cached once: splits[t] is step t's batch (with accumulate=N a list of
+    N micro-batches); `rng` the RNG state after caching, from which every chunk starts."""
+
+    micro: list
+    splits: list
+    val: list | None
+    rng: dict
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def cache(cls, loader, plan: Plan) -> Data:
+        o = plan.opts
+        micro = _batches.cache(loader, o.steps * o.accumulate, plan.device)
+        n = o.accumulate
+        splits = micro if n == 1 else [micro[t * n : (t + 1) * n] for t in range(o.steps)]
+        rng = capture_rng()
+        val, notes = None, []
+        if o.val_loader is not None:
+            val = _batches.cache(o.val_loader, o.val_batches, plan.device, "val_loader", cycle=False)
+            if len(val) < o.val_batches:
+                notes.append(f"val_loader has {len(val)} batch(es), fewer than val_batches={o.val_batches}: each is "
+                             "scored once")  # fmt: skip
+        return cls(micro, splits, val, rng, notes)
+
+
+@dataclass
+class ChunkResult:
+    """The curves of candidates [rows[0], rows[1]) and how they ran."""
+
+    rows: tuple[int, int]
+    losses: np.ndarray  # [c, S]
+    smoothed: np.ndarray
+    val: np.ndarray
+    steps_run: int
+    forward: list[str]  # per chunk: "module (K=1)", "vmap (K=4)", "loop (K=2): why", with the engine's parts
+    path: str  # the optimizer path: "fused cpp" | "fused triton" | "fused reference" | "generic torch.optim"
+    loss: str  # how the loss is computed
+    compiled: bool
+    graphs: bool
+    timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: ChunkResult) -> ChunkResult:
+        """This chunk and the next one (its rows follow these): one result over both."""
+        if other.rows[0] != self.rows[1]:
+            raise ValueError(f"chunks {self.rows} and {other.rows} are not adjacent")
+        timings = dict(self.timings)
+        for key, value in other.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+        return ChunkResult((self.rows[0], other.rows[1]), *(np.concatenate([a, b]) for a, b in (
+            (self.losses, other.losses), (self.smoothed, other.smoothed), (self.val, other.val))),
+            max(self.steps_run, other.steps_run), self.forward + other.forward, self.path, self.loss,
+            self.compiled and other.compiled, self.graphs and other.graphs, timings,
+            list(dict.fromkeys(self.notes + other.notes)))  # fmt: skip
+
+
+def run_chunks(plan: Plan, snap: Snapshot, data: Data, bar, sync=None) -> ChunkResult:
+    """This rank's candidates, chunk by chunk (plan.chunk at a time; halved on an out-of-memory error while a chunk
+    sets up or runs its first step, down to 1); every chunk starts from the user's weights and the same RNG."""
+    lo, chunk, done, notes = plan.first, plan.chunk, None, []
+    while lo < plan.end:
+        hi = min(plan.end, lo + chunk)
+        snap.unlend()  # the next arena copies the user's weights, not the last chunk's
+        restore_rng(data.rng)  # every chunk starts from the same RNG state, as a run of its own would
+        run = Chunk(plan, snap, data, (lo, hi), bar, sync if plan.dist_mode == "ddp" else None)
+        try:
+            part, oom = run(), ""
+        except Exception as e:
+            if not is_oom(e) or run.begun > 1:  # only an OOM while setting up or in the first step
+                raise
+            oom = _retry_or_raise(e, plan, hi - lo)
+        if oom:  # outside the except block: the failed chunk's tensors (held by the traceback) are freed
+            new = max(1, (hi - lo) // 2)
+            notes.append(f"out of memory with {hi - lo} candidates in one pass ({oom}): retried in chunks of {new}")
+            if bar is not None:
+                bar.total += plan.steps * (math.ceil((plan.end - lo) / new) - math.ceil((plan.end - lo) / chunk))
+            chunk = new
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        done = part if done is None else done.merge(part)
+        lo = hi
+    done.notes = list(dict.fromkeys(notes + done.notes))
+    plan.chunk = chunk
+    return done
+
+
+def _retry_or_raise(e: BaseException, plan: Plan, c: int) -> str:
+    if c == 1:
+        o = plan.opts
+        raise OutOfMemoryError(oom_message(e, plan.device, o.steps, o.accumulate, plan.memory)) from e
+    if plan.dist_mode == "ddp":
+        raise OutOfMemoryError(f"out of memory on {plan.device} with {c} candidates in one pass: distributed='ddp' "
+                               "cannot retry with fewer (every rank would have to); pass max_memory=... to run fewer "
+                               "at a time") from e  # fmt: skip
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+class Chunk:
+    """One pass over the steps for candidates rows = [lo, hi): K = 1 on the model itself (ModuleStep), K > 1
+    batched (BatchedStep); `begun` counts the steps begun, so the caller knows whether an error came from the
+    set-up or the first step."""
+
+    def __init__(self, plan: Plan, snap: Snapshot, data: Data, rows: tuple[int, int], bar, sync):
+        self.plan, self.snap, self.data, self.rows, self.bar, self.sync = plan, snap, data, rows, bar, sync
+        self.built: list = []  # the forwards made (a compile fallback makes a second)
+        self.step: Step | None = None
+
+    @property
+    def begun(self) -> int:
+        return 0 if self.step is None else self.step.begun
+
+    def __call__(self) -> ChunkResult:
+        plan, o, (lo, hi) = self.plan, self.plan.opts, self.rows
+        c, steps, model = hi - lo, o.steps, plan.model
+        arena = Arena(plan.optimizer, c, plan.device, None if plan.backend == "torch.optim" else plan.backend)
+        self.snap.lend(arena.segments, plan.device)
+        if self.sync is not None:
+            self.sync.broadcast_start(arena, model)
+        model.train()
+        self.shared = c == 1 or o.strategy != "seeds"
+        flat = self.data.splits if o.accumulate == 1 else [s for group in self.data.splits for s in group]
+        self.why_loop = "" if self.shared else stackable(flat)
+        self.arena = arena
+        self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
+        inputs, index = self._inputs(c)
+        tracker = Tracker(c, steps, o.smooth, o.early_stop_threshold, plan.device)
+        lr_table = torch.tensor(plan.table[lo:hi].T, dtype=torch.float64, device=plan.device).contiguous()  # [S, K]
+        engine = plan.engine(index, self.why_loop, self.data.splits)
+        self.step = Step(None, arena, update.make(plan.optimizer, arena), tracker, lr_table, self.scaler, self.sync,
+                         self.data.val, o.val_every, self.bar, plan.check_every)  # fmt: skip
+        if engine.static is not None:
+            ran = drive_graph(self.step, engine.static, self._forward, compile=engine.compile, graphs=engine.graphs,
+                              buffers=self._buffers)  # fmt: skip
+        else:
+            self.step.forward = self._forward(False)
+            ran = drive_eager(self.step, inputs)
+        return self._result(tracker, ran, engine.notes + ran.notes)
+
+    def _inputs(self, c: int) -> tuple[list, np.ndarray | None]:
+        """(what the forward takes at each step, the index of the cached batch behind it: [S] or [S, K])."""
+        splits, orders, o = self.data.splits, self.plan.orders[self.rows[0] : self.rows[1]], self.plan.opts
+        if c == 1:
+            return [splits[i] for i in orders[0]], orders[0]
+        if self.shared:
+            return splits, np.arange(o.steps)
+        if o.accumulate == 1:
+            return [[splits[i] for i in orders[:, t]] for t in range(o.steps)], orders.T
+        # micro-batch m of step t: one per candidate, from that candidate's batch order
+        return [[[splits[i][m] for i in orders[:, t]] for m in range(o.accumulate)] for t in range(o.steps)], None
+
+    def _forward(self, compiled: bool):
+        plan, o, c = self.plan, self.plan.opts, self.arena.k
+        if c == 1:
+            inner = ModuleStep(plan.model, self.arena, o.loss_fn, o.precision, self.scaler, compile=compiled)
+        else:
+            inner = BatchedStep(plan.model, self.arena, o.loss_fn, randomness="same" if self.shared else "different",
+                                why_loop=self.why_loop, precision=o.precision, scaler=self.scaler,
+                                compile=compiled)  # fmt: skip
+        self.built.append(inner)
+        return Accumulate(inner, self.arena) if o.accumulate > 1 else inner
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The mutable non-arena tensors of the forward last built (reset after warm-up)."""
+        inner = self.built[-1]
+        return list(self.plan.model.buffers()) if isinstance(inner, ModuleStep) else list(inner.buffers.values())
+
+    def _result(self, tracker: Tracker, ran: Outcome, notes: list[str]) -> ChunkResult:
+        o, c, inner = self.plan.opts, self.arena.k, self.built[-1]
+        notes = notes + inner.notes
+        if c == 1:
+            forward = "module (K=1)"
+        else:
+            forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
+        parts = [forward] + ([f"{o.accumulate} micro-batches per step"] if o.accumulate > 1 else []) + (
+            [f"{o.precision} autocast"] if o.precision != "fp32" else []) + (
+            ["torch.compile"] if ran.compiled else []) + (["CUDA graph"] if ran.graphs else [])  # fmt: skip
+        if self.scaler is not None and bool(self.scaler.skipped.any()):
+            notes.append(f"fp16: steps skipped on overflow per candidate: {self.scaler.skipped.tolist()}")
+        return ChunkResult(self.rows, tracker.losses.cpu().numpy(), tracker.smoothed.cpu().numpy(),
+                           tracker.val.cpu().numpy(), ran.steps_run, [", ".join(parts)], self.step.update.path,
+                           inner.loss_desc, ran.compiled, ran.graphs, ran.timings,
+                           notes)  # fmt: skip
