@@ -8,38 +8,7 @@ import json
 import os
 import sys
 
-from lrfast import schedule
-from lrfast import suggest as _suggest
-
-
-def _range_options(p: argparse.ArgumentParser, min_lr: float, max_lr: float, optimizer: str) -> None:
-    p.add_argument("--optimizer", default=optimizer, choices=["sgd", "adam", "adamw"], help="(default %(default)s)")
-    p.add_argument("--min-lr", type=float, default=min_lr, help="first LR of the sweep (default %(default)g)")
-    p.add_argument("--max-lr", type=float, default=max_lr, help="last LR of the sweep (default %(default)g)")
-    p.add_argument("--steps", type=int, default=100, help="training steps (default %(default)s)")
-    p.add_argument("--mode", default="exp", choices=schedule.MODES, help="LR schedule (default %(default)s)")
-    p.add_argument("--smooth", type=float, default=0.98, help="EMA factor of the loss (default %(default)s)")
-    p.add_argument("--early-stop-threshold", type=float, default=4.0,
-                   help="stop when the smoothed loss exceeds this x the best (default %(default)s; 0: never)")
-    p.add_argument("--suggestion", default="valley", choices=list(_suggest.METHODS),
-                   help="suggestion method (default %(default)s)")
-    p.add_argument("--device", default=None, help="torch device (default: where the model is)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every RNG during the run (default %(default)s)")
-    p.add_argument("--candidates", type=int, default=None,
-                   help="K LR candidates in one pass (strategies seeds and grid; default 8 for them)")
-    p.add_argument("--strategy", default="sweep", choices=["sweep", "seeds", "grid"],
-                   help="sweep: one range test; seeds: K replicas -> median and interval; grid: K fixed LRs "
-                   "(default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--distributed", default="auto", choices=["auto", "ddp", "candidates", "off"],
-                   help="under torchrun: ddp (every rank its own batches, grads averaged), candidates (K split over "
-                   "the ranks) or off; auto: ddp when there is more than one rank (default %(default)s)")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a rank waits for the others before raising (default %(default)s)")  # fmt: skip
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the step (default: on for CUDA)")  # fmt: skip
-    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the step in a CUDA graph and replay it (default: on for CUDA)")  # fmt: skip
+from lrfast import options
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,16 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=".", help="where lr_find.png and lr_find.json go, created if missing "
                       "(default: current folder)")  # fmt: skip
     demo.add_argument("--batch-size", type=int, default=64, help="(default %(default)s)")
-    _range_options(demo, 1e-8, 1.0, "adam")
+    options.add_arguments(demo, min_lr=1e-8, max_lr=1.0, optimizer="adam")  # the seed workload's sweep
 
     find = sub.add_parser("find", help="range test of your model: MODULE:FUNCTION returns (model, loader)",
                           description="Range test of a model given as MODULE:FUNCTION, a function of no arguments "
                           "returning (model, loader), (model, loader, loss_fn) or a dict with keys model, loader "
-                          "and optionally loss_fn / optimizer. The options are those of lrfast.find.")  # fmt: skip
+                          "and optionally loss_fn / optimizer / val_loader. The options are those of lrfast.find "
+                          "(generated from lrfast.options.FindOptions).")  # fmt: skip
     find.add_argument("target", help="MODULE:FUNCTION (the module importable from the current folder)")
     find.add_argument("--out", default=None, help="write lr_find.png and lr_find.json into this folder (created if "
                       "missing)")  # fmt: skip
-    _range_options(find, 1e-7, 10.0, "adamw")
+    options.add_arguments(find)
 
     bench = sub.add_parser("bench", help="benchmarks side by side with the peers (needs a checkout of the repo)",
                            description="Runs the benchmark suite (benchmarks/ in lrfast's source repository, not in "
@@ -87,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     created = _init_torchrun()  # before the target is loaded: its loader may shard by rank (DistributedSampler)
     try:
         if args.command == "demo":
-            model, loader, loss_fn, optimizer, out = *_demo_workload(args), args.out
+            model, loader, given = *_demo_workload(args), {}
         else:
-            model, loader, loss_fn, optimizer = _load_target(args.target)
-            out = args.out
-        return _run(args, model, loader, loss_fn, optimizer or args.optimizer, out)
+            model, loader, given = _load_target(args.target)
+        return _run(args, model, loader, given, args.out)
     finally:
         if created:
             import torch.distributed as dist
@@ -128,14 +97,10 @@ def _demo_workload(args):
         raise SystemExit(f"lrfast: --data {args.data!r} is not a folder; pass the folder holding the (Fashion-)MNIST "
                          "IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz])")  # fmt: skip
     dataset = data.fashion_mnist(args.data) if args.data else data.digits(image_size=28)
-    torch_seed(args.seed)
-    return data.lenet5(), data.loader(dataset, batch_size=args.batch_size, seed=args.seed), None, None
-
-
-def torch_seed(seed: int) -> None:
     import torch
 
-    torch.manual_seed(seed)  # the demo model's init: the same demo prints the same numbers
+    torch.manual_seed(args.seed)  # the demo model's init: the same demo prints the same numbers
+    return data.lenet5(), data.loader(dataset, batch_size=args.batch_size, seed=args.seed)
 
 
 def _load_target(target: str):
@@ -152,17 +117,19 @@ def _load_target(target: str):
         missing = [key for key in ("model", "loader") if key not in made]
         if missing:
             raise SystemExit(f"lrfast find: {target} returned a dict without {', '.join(missing)}; return a dict with "
-                             "model, loader[, loss_fn, optimizer] or a tuple (model, loader[, loss_fn])")  # fmt: skip
-        return made["model"], made["loader"], made.get("loss_fn"), made.get("optimizer")
+                             "model, loader[, loss_fn, optimizer, val_loader] or a tuple (model, loader[, loss_fn])")
+        return made["model"], made["loader"], {k: made[k] for k in ("loss_fn", "optimizer", "val_loader") if k in made}
     if isinstance(made, (tuple, list)) and len(made) in (2, 3):
-        return made[0], made[1], (made[2] if len(made) == 3 else None), None
+        return made[0], made[1], ({"loss_fn": made[2]} if len(made) == 3 else {})
     raise SystemExit(f"lrfast find: {target} returned {type(made).__name__}; return (model, loader[, loss_fn]) or "
                      "a dict with model, loader[, loss_fn, optimizer]")  # fmt: skip
 
 
-def _run(args, model, loader, loss_fn, optimizer, out) -> int:
+def _run(args, model, loader, given: dict, out) -> int:
+    """find(model, loader) with the flags' options; `given`: what the target returned besides (loss_fn, optimizer,
+    val_loader: the target's optimizer wins over --optimizer)."""
     import lrfast
-    from lrfast.distributed import DistributedError
+    from lrfast.errors import DistributedError
 
     rank = _rank()  # only rank 0 checks --out, prints and writes (other nodes may not have the folder)
     if rank == 0 and out is not None:
@@ -174,14 +141,7 @@ def _run(args, model, loader, loss_fn, optimizer, out) -> int:
     if rank == 0 and out is not None and not os.access(out, os.W_OK):
         raise SystemExit(f"lrfast: --out {out!r} is not writable; pass a folder you can write to")
     try:
-        result = lrfast.find(
-            model, loader, optimizer=optimizer, loss_fn=loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
-            steps=args.steps, mode=args.mode, smooth=args.smooth,
-            early_stop_threshold=args.early_stop_threshold or None, suggestion=args.suggestion, device=args.device,
-            seed=args.seed, progress=not args.no_progress, candidates=args.candidates, strategy=args.strategy,
-            distributed=None if args.distributed == "auto" else args.distributed, timeout=args.timeout,
-            compile=args.compile, graphs=args.graphs,
-        )  # fmt: skip
+        result = lrfast.find(model, loader, **{**options.kwargs_from_args(args), **given})
     except (ValueError, TypeError, DistributedError) as e:  # find's checks, another rank's failure: clear messages
         raise SystemExit(f"lrfast: {e}") from e
     if rank != 0:

@@ -131,3 +131,40 @@ def test_demo_reads_fashion_mnist_idx_files_with_data_dir(tmp_path, capsys):
 def test_data_dir_without_idx_files_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         main(["demo", "--data", str(tmp_path), "--no-progress"])
+
+
+def test_find_help_has_a_flag_for_every_keyword_of_find(capsys):
+    """The flags are generated from lrfast.options.FindOptions: every keyword of lrfast.find has one, but the two
+    Python objects (loss_fn, val_loader), which a target's function returns."""
+    import inspect
+
+    import lrfast
+
+    with pytest.raises(SystemExit):
+        main(["find", "--help"])
+    text = capsys.readouterr().out
+    keywords = [n for n, p in inspect.signature(lrfast.find).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    for name in keywords:
+        if name in ("loss_fn", "val_loader"):
+            continue
+        flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+        assert flag in text, f"{flag} missing from lrfast find --help"
+
+
+def test_new_flags_reach_find(tmp_path, monkeypatch, capsys):
+    (tmp_path / "withval.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            torch.manual_seed(0)
+            batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+            return {"model": nn.Linear(4, 2), "loader": batches, "val_loader": batches[:2]}
+    """))
+    monkeypatch.chdir(tmp_path)
+    assert main(["find", "withval:make", "--steps", "12", "--no-progress", "--strategy", "grid", "--lrs",
+                 "1e-3,1e-2", "--tolerance", "0.1", "--accumulate", "2", "--val-every", "3", "--on", "val",
+                 "--precision", "bf16", "--out", "res"]) == 0  # fmt: skip
+    res = LRFindResult.from_json(tmp_path / "res" / "lr_find.json")
+    assert res.k == 2 and res.tolerance == 0.1 and res.on == "val" and res.val_losses is not None
+    assert "2 micro-batches per step, bf16 autocast" in res.info["forward"]
