@@ -13,6 +13,8 @@ masks with padding) and a BatchNorm ResNet written here (torchvision's wheel doe
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,12 @@ from torch import nn
 
 import lrfast
 from lrfast import strategies
+
+try:  # ResNet-18's block, as the benchmarks build it
+    from benchmarks.workloads import BasicBlock
+except ImportError:  # pytest run from elsewhere: the repo root holds benchmarks/
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks.workloads import BasicBlock
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tiny configs, built here: nothing may be fetched from the Hub
 transformers = pytest.importorskip("transformers", reason="the real-model tests need transformers")
@@ -51,24 +59,6 @@ def make_bert(dropout: float = 0.1) -> nn.Module:
                                      intermediate_size=37, max_position_embeddings=32, num_labels=3, pad_token_id=0,
                                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)  # fmt: skip
     return transformers.BertForSequenceClassification(config)
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18's block: conv-bn-relu-conv-bn, plus the input (through a 1x1 conv-bn where the shape changes)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNet(nn.Module):
