@@ -70,7 +70,9 @@ def find(
     - strategy="grid" (default K 8): K fixed LRs, log-spaced from min_lr to max_lr or given as `lrs=[...]`, each
       trained `steps` steps from the same weights; score = mean raw loss over the last 10 % of the steps (inf when
       diverged); result.suggestion = the largest LR whose score <= best + `tolerance` x |best|. Candidate k's
-      curve is that of a K = 1 run at its LR, whatever K (dropout masks are shared by all candidates at a step).
+      curve is that of a K = 1 run at its LR, whatever K (dropout masks are shared by all candidates at a step),
+      within rounding under vmap (a few ulp over the first steps; training can amplify it later: README) and
+      bitwise in the per-candidate loop.
     A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has.
     `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
     chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,

@@ -76,12 +76,14 @@ class FindOptions:
     graphs: bool | None = _opt(None, "engine", "capture the step in a CUDA graph and replay it (default: on for CUDA)",
                                cli="--graphs/--no-graphs")
     distributed: str | None = _opt(None, "distributed", "under torchrun: ddp (every rank its own batches, grads "
-                                   "averaged), candidates (K split over the ranks) or off; default: ddp with more "
-                                   "than one rank", choices=("ddp", "candidates", "off"))
+                                   "averaged), candidates (K split over the ranks) or off; auto (None): ddp with more "
+                                   "than one rank", choices=("auto", "ddp", "candidates", "off"))
     timeout: float = _opt(300.0, "distributed", "seconds a rank waits for the others before raising", parse=float)
     k: int = field(init=False, default=1, metadata={"cli": None, "group": "candidates", "help": "K, derived"})
 
     def __post_init__(self):
+        if self.distributed == "auto":  # the command line's name for None
+            object.__setattr__(self, "distributed", None)
         self._check_sweep()
         self._check_rest()
         object.__setattr__(self, "k", strategies.check(self.strategy, self.candidates, self.lrs, self.tolerance))
