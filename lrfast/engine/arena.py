@@ -114,37 +114,3 @@ class Arena:
     def zero_grad(self) -> None:
         for buf in self.grad_buffers.values():
             buf.zero_()
-
-    def update(self, lr: torch.Tensor, step, mask: torch.Tensor | None = None) -> None:
-        """One fused optimizer step for every candidate. lr: [K] (0 freezes a candidate), or the LR table [S, K]
-        whose row step - 1 is used; step: 1-based, an int or a one-element int64 tensor on the arena's device (the
-        Triton kernels read it there, so a captured step replays without host input); mask [K]: multiplies lr."""
-        if self.backend == "triton":
-            from lrfast.kernels import triton_optim as kernel
-
-            if mask is not None:
-                mask = mask.to(torch.float32)  # once for all segments (the kernels read a float mask)
-            for s in self.segments:
-                p, low = (s.p, None) if s.master is None else (s.master, s.p)
-                seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
-                if self.kind == "adam":
-                    kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, step, s.hp, mask=mask, low=low)
-                else:
-                    kernel.sgd_step(p, s.g, s.state.get("buf"), seg_lr, step, s.hp, mask=mask, low=low)
-            return
-        if isinstance(step, torch.Tensor):
-            step = int(step)  # a host read: only the CPU path (or CUDA without Triton) gets here
-        if lr.dim() == 2:
-            lr = lr[step - 1]
-        if mask is not None:
-            lr = lr * mask
-        lr = lr.to("cpu", torch.float64)
-        for s in self.segments:
-            seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
-            p, g = (s.p, s.g) if s.master is None else (s.master, s.g.float())
-            if self.kind == "adam":
-                kernels.adam_step(p, g, s.state["m"], s.state["v"], seg_lr, step, s.hp)
-            else:
-                kernels.sgd_step(p, g, s.state.get("buf"), seg_lr, step, s.hp)
-            if s.master is not None:
-                s.p.copy_(s.master)

@@ -2,8 +2,10 @@
 lr_table [S, K] (float64, on the run's device), number the 1-based step (an int, or the device step counter) and
 mask [K] bool (False: the candidate stopped, or skips this step on an fp16 overflow).
 
-- Fused: SGD / Adam / AdamW on the arena's kernels (lrfast._C, the reference, or Triton reading the LR table at
-  the device counter: capturable in a CUDA graph), one call per segment for all K candidates.
+- HostFused: SGD / Adam / AdamW on lrfast._C or the reference (kernels/cpu.py), one call per segment for all K
+  candidates; this step's LRs are read on the host.
+- TritonFused: the same on the Triton kernels, which read the LR table and the step at the device counter, so the
+  update is captured in the CUDA graph with the rest of the step.
 - TorchOptim: any other optimizer through torch.optim itself: the plan's private instance (K = 1) or one instance
   per candidate over leaf views of that candidate's row of the arena (K > 1), stepped on the host."""
 
@@ -13,16 +15,51 @@ import torch
 
 from lrfast import optimizers
 from lrfast.engine.arena import Arena
+from lrfast.kernels import cpu as kernels
 
 
-class Fused:
+class HostFused:
+    capturable = False
+
     def __init__(self, arena: Arena):
-        self.arena = arena
-        self.capturable = arena.backend == "triton"  # reads LRs and step on the device: no host value per step
-        self.path = f"fused {arena.backend}"
+        self.arena, self.path = arena, f"fused {arena.backend}"
 
     def __call__(self, lr_table: torch.Tensor, number, mask: torch.Tensor | None) -> None:
-        self.arena.update(lr_table, number, mask=mask)
+        step = int(number)  # a host read of a device counter: only without Triton (CPU, or CUDA without it)
+        lr = lr_table[step - 1]
+        if mask is not None:
+            lr = lr * mask
+        lr = lr.to("cpu", torch.float64)
+        for s in self.arena.segments:
+            seg_lr = lr if s.lr_scale == 1.0 else lr * s.lr_scale
+            p, g = (s.p, s.g) if s.master is None else (s.master, s.g.float())
+            if self.arena.kind == "adam":
+                kernels.adam_step(p, g, s.state["m"], s.state["v"], seg_lr, step, s.hp)
+            else:
+                kernels.sgd_step(p, g, s.state.get("buf"), seg_lr, step, s.hp)
+            if s.master is not None:
+                s.p.copy_(s.master)  # the model computes with the rounding of the fp32 masters
+
+
+class TritonFused:
+    capturable = True
+    path = "fused triton"
+
+    def __init__(self, arena: Arena):
+        from lrfast.kernels import triton_optim  # imports triton: only for a CUDA arena
+
+        self.arena, self.kernel = arena, triton_optim
+
+    def __call__(self, lr_table: torch.Tensor, number, mask: torch.Tensor | None) -> None:
+        if mask is not None:
+            mask = mask.to(torch.float32)  # once for all segments (the kernels read a float mask)
+        for s in self.arena.segments:
+            p, low = (s.p, None) if s.master is None else (s.master, s.p)  # low: bf16 / fp16 copy of the masters
+            seg_lr = lr_table if s.lr_scale == 1.0 else lr_table * s.lr_scale
+            if self.arena.kind == "adam":
+                self.kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, number, s.hp, mask=mask, low=low)
+            else:
+                self.kernel.sgd_step(p, s.g, s.state.get("buf"), seg_lr, number, s.hp, mask=mask, low=low)
 
 
 class TorchOptim:
@@ -42,8 +79,11 @@ class TorchOptim:
                 opt.step()
 
 
-def make(plan: optimizers.OptimizerPlan, arena: Arena) -> Fused | TorchOptim:
-    return TorchOptim(plan, arena) if plan.kind == "generic" else Fused(arena)
+def make(plan: optimizers.OptimizerPlan, arena: Arena) -> HostFused | TritonFused | TorchOptim:
+    """The updater of this optimizer path and the arena's kernels."""
+    if plan.kind == "generic":
+        return TorchOptim(plan, arena)
+    return TritonFused(arena) if arena.backend == "triton" else HostFused(arena)
 
 
 def candidate_optimizers(plan: optimizers.OptimizerPlan, arena: Arena) -> list[torch.optim.Optimizer]:
