@@ -94,8 +94,10 @@ def test_the_triton_kernels_in_the_engine_equal_the_cpu_kernels(optimizer):
     LR scale), interpreted on CPU, gives the C++ kernels' curves within fp32 rounding; one candidate diverges and
     is frozen by the mask."""
     pytest.importorskip("triton")
-    triton_kernels()
-    kwargs = dict(optimizer=optimizer, threshold=1.5, steps=10, max_lr=3.0 if optimizer == "sgd" else 1.0)
+    triton_kernels()  # compiled with CUDA (then the run is on the GPU: compiled kernels take CUDA tensors only)
+    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    kwargs = dict(optimizer=optimizer, threshold=1.5, steps=10, max_lr=3.0 if optimizer == "sgd" else 1.0,
+                  device=device)
     want = _run("graphed", 3, "grid", **kwargs)
     got = _run("graphed", 3, "grid", backend="triton", **kwargs)
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5, equal_nan=True)

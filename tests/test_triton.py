@@ -235,3 +235,10 @@ def test_lrfast_imports_and_runs_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not CUDA, reason="the compiled kernels exist with a CUDA device only")
+def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_message():
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        T.adam_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1), 1,
+                    AdamParams())  # fmt: skip

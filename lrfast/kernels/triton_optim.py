@@ -175,6 +175,9 @@ def _check(p, g, state: dict, lr, step, mask, low) -> None:
     for name, t in state.items():
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be fp32 like p, got {t.dtype}")
+    if p.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"p is on {p.device}: the compiled Triton kernels take CUDA tensors only (TRITON_INTERPRET=1 "
+                         "before lrfast.kernels.triton_optim is imported runs them on CPU tensors, for tests)")
     check_like(p, [("p", p), ("g", g), *state.items()] + ([("low", low)] if low is not None else []))
     if low is not None and low.dtype not in _LOW:
         raise TypeError(f"low must be bf16 or fp16 (the model's low-precision weights), got {low.dtype}")
