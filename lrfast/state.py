@@ -32,6 +32,12 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def forked_rng(device: torch.device):
+    """The CPU RNG, and `device`'s when it is a GPU, put back afterwards (a probe forward's dropout draws nothing
+    that the run sees)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

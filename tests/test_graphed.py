@@ -306,3 +306,22 @@ def test_cuda_find_falls_back_to_eager_when_the_model_syncs_with_the_host():
     assert res.info["graphs"] is False
     assert any("capture failed" in n for n in res.info["notes"])
     assert np.isfinite(res.losses[0]).all()
+
+
+@pytest.mark.parametrize("strategy", ["grid", "seeds"])
+def test_compiled_k_candidates_trace_one_graph(strategy, monkeypatch):
+    """The loss is resolved by one uncompiled forward before the first compiled call: resolved inside the trace,
+    Dynamo guarded on it and compiled the step twice (issue 16). Dynamo's eager backend: tracing without Inductor."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import lrfast
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    res = lrfast.find(make_mlp(), make_batches(), strategy=strategy, candidates=3, steps=4, progress=False,
+                      compile=True)  # fmt: skip
+    assert res.info["forward"] == "vmap (K=3), torch.compile" and res.info["compile"] is True
+    assert counters["stats"]["unique_graphs"] == 1

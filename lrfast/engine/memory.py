@@ -12,7 +12,7 @@ from torch import nn
 from lrfast.batches import Split
 from lrfast.engine.arena import Arena
 from lrfast.loss import explain_arity, resolve_loss
-from lrfast.state import Slots, ids_by_name
+from lrfast.state import Slots, forked_rng, ids_by_name
 
 
 def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
@@ -33,7 +33,7 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
         return t
 
     ids = ids_by_name(model)
-    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with forked_rng(arena.device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = explain_arity(Slots(model).call, split, model, {ids[n]: t for n, t in leaves.items()},
                             {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # the first call
         loss_f, _ = resolve_loss(loss_fn, out, split)
