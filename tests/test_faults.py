@@ -241,3 +241,16 @@ def test_oom_inside_vmap_reaches_the_retry_instead_of_the_loop_fallback(tmp_path
         res = lrfast.find(model, batches, **OOM_KW)
     assert res.info["chunk"] == 2 and res.info["forward"] == "vmap (K=2)"
     np.testing.assert_allclose(res.losses, whole.losses, rtol=1e-5)
+
+
+def test_oom_in_the_first_real_step_after_a_warm_up_is_retried_with_fewer_candidates(tmp_path, monkeypatch):
+    """compile=True runs a warm-up step first (drive_graph); warm-ups are not steps, so an out-of-memory error in
+    the first real step (the 2nd call of the forward) is still retried in smaller chunks (issue 16: captures)."""
+    model, batches = make_mlp(), make_batches()
+    whole = lrfast.find(model, batches, **OOM_KW)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    _oom_when(monkeypatch, forward.BatchedStep, too_many=2, at_call=2)
+    with nothing_lost(model, tmp_path, monkeypatch):
+        res = lrfast.find(model, batches, compile=True, **OOM_KW)
+    assert res.info["chunk"] == 2 and any("retried in chunks of 2" in n for n in res.info["notes"])
+    np.testing.assert_allclose(res.losses, whole.losses, rtol=1e-5)

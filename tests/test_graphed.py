@@ -325,3 +325,19 @@ def test_compiled_k_candidates_trace_one_graph(strategy, monkeypatch):
                       compile=True)  # fmt: skip
     assert res.info["forward"] == "vmap (K=3), torch.compile" and res.info["compile"] is True
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@cuda
+def test_a_capture_that_fails_leaves_the_callers_stream_current(monkeypatch):
+    """torch's CUDAGraph.__exit__ calls capture_end before it leaves the capture stream: when capture_end raises,
+    the eager fallback and the user's code must not run on the capture stream."""
+    before = torch.cuda.current_stream()
+
+    def fail(self):
+        raise RuntimeError("injected: capture_end failed")
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", fail)
+    gpu = torch.device("cuda")
+    got = _run("graphed", 3, "grid", device=gpu, graphs=True)
+    assert got[3].graphs is False and any("capture failed" in n for n in got[3].notes)
+    assert torch.cuda.current_stream() == before

@@ -179,11 +179,14 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
             x.copy_(y)
         arena.reset(rows)
         restore_rng(rng)
+        step.begun = 0  # warm-ups are not steps: an out-of-memory error in the first real one is still retried
+
+    side = torch.cuda.Stream() if cuda else None  # one side stream for every warm-up (the allocator pools per stream)
 
     if compile or graphs:
         t0 = time.perf_counter()
         try:
-            _on_side_stream(cuda, one_step)  # compiles
+            _on_side_stream(side, one_step)  # compiles
             _sync(cuda)
         except Exception as e:  # noqa: BLE001 - any compile failure selects the eager forward
             if not compile or is_oom(e):
@@ -192,13 +195,13 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
             run.compiled = False
             reset()
             step.forward = make_forward(False)
-            _on_side_stream(cuda, one_step)
+            _on_side_stream(side, one_step)
             _sync(cuda)
         run.timings["compile" if run.compiled else "warmup"] = time.perf_counter() - t0
     graph = None
     if graphs:
         t0 = time.perf_counter()
-        graph, why = _capture(one_step, warmup - 1, reset)
+        graph, why = _capture(one_step, warmup - 1, reset, side)
         if why:
             run.notes.append(f"CUDA graph capture failed, eager steps: {why}")
         run.timings["capture"] = time.perf_counter() - t0
@@ -226,18 +229,20 @@ def _replay(step: Step, one_step: Callable[[], None]) -> int:
     return step.steps
 
 
-def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None]):
-    """Warm up on a side stream, then capture one step; returns (graph, '') or (None, why not). The step counter
+def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None], side):
+    """Warm up on the side stream, then capture one step; returns (graph, '') or (None, why not). The step counter
     and everything else a step writes is reset before each warm-up call, so that none reads past the last row of
-    the LR table or of the static inputs whatever S is."""
+    the LR table or of the static inputs whatever S is. A capture that fails leaves the stream that was current
+    current again (torch's CUDAGraph.__exit__ calls capture_end before it leaves the capture stream)."""
+    current = torch.cuda.current_stream()
     try:
         for _ in range(max(0, warmup)):
             reset()
-            _on_side_stream(True, one_step)
+            _on_side_stream(side, one_step)
         torch.cuda.synchronize()
         reset()
         with _sync_errors():  # a host sync inside the step (e.g. .item() in the model) cannot be captured
-            _on_side_stream(True, one_step)
+            _on_side_stream(side, one_step)
         torch.cuda.synchronize()
         reset()
         graph = torch.cuda.CUDAGraph()
@@ -246,6 +251,7 @@ def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None
         torch.cuda.synchronize()
         return graph, ""
     except Exception as e:  # noqa: BLE001 - any capture failure selects eager steps
+        torch.cuda.set_stream(current)
         if is_oom(e):
             raise
         torch.cuda.synchronize()
@@ -266,11 +272,11 @@ def _sync_errors():
         torch.cuda.set_sync_debug_mode(before)
 
 
-def _on_side_stream(cuda: bool, fn: Callable[[], None]) -> None:
-    if not cuda:
+def _on_side_stream(side, fn: Callable[[], None]) -> None:
+    """fn() on the side stream (None: no GPU, on the current thread as it is), ordered after the current stream."""
+    if side is None:
         fn()
         return
-    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
