@@ -92,7 +92,7 @@ class Sync:
     def __init__(self, mode: str, timeout: float, device: torch.device):
         self.mode, self.timeout = mode, float(timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.backend = backend_for(device)
+        self.backend, self.device = backend_for(device), device
         self.avg = self.backend == "nccl"  # NCCL averages in one op; gloo has no AVG: SUM, then divide in place
         self.group = None
         with self._guard("creating lrfast's process group"):
@@ -155,6 +155,13 @@ class Sync:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
             t.div_(self.world)
         return t
+
+    def all_true(self, flag: bool, what: str) -> bool:
+        """True on every rank when `flag` is True on every rank (a fallback decided on one rank, taken by all)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        with self._guard(what):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
 
     def gather(self, what: str, obj) -> list:
         """Every rank's `obj` (picklable), in rank order."""

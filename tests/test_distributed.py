@@ -186,6 +186,27 @@ def _scenario_bad_input(rank, case):
     return {**got, "steps_trained": len(calls), "default_group_works": _default_group_works()}
 
 
+def _scenario_compile_fails_on_rank_1(rank):
+    """compile=True on CPU runs the device-counter driver; rank 1's torch.compile fails at its first call."""
+    real = torch.compile
+
+    def compile_(f, **kw):
+        if rank == 0:
+            return f
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("injected: compile failed on rank 1")
+
+        return failing
+
+    torch.compile = compile_
+    try:
+        model, batches = make_mlp(), make_batches(n=8, batch=32)
+        return _checked_find(model, _shard(batches, rank), steps=8, compile=True, **QUIET)
+    finally:
+        torch.compile = real
+
+
 def _scenario_ddp_wrapped(rank):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -319,6 +340,19 @@ def test_without_a_group_distributed_none_and_off_run_single_process():
     off = lrfast.find(make_mlp(), make_batches(), steps=4, distributed="off", **QUIET)
     assert "distributed" not in res.info and "distributed" not in off.info
     np.testing.assert_array_equal(res.losses, off.losses)
+
+
+def test_a_compile_failure_on_one_rank_makes_every_rank_run_the_eager_forward(ranks):
+    """The fallback is decided collectively (warm-ups run without the ranks' averaging, then the ranks agree), so
+    no rank runs extra all-reduces: both ranks fall back, finish, and return the same curve as without compile."""
+    got = ranks.run("_scenario_compile_fails_on_rank_1")
+    plain = ranks.run("_scenario_ddp", steps=8, kwargs={})
+    assert got[0]["error"] is None and got[1]["error"] is None
+    assert got[0]["info"]["compile"] is False and got[1]["info"]["compile"] is False
+    assert any("failed on another rank" in n for n in got[0]["info"]["notes"])
+    assert any("injected: compile failed on rank 1" in n for n in got[1]["info"]["notes"])
+    np.testing.assert_array_equal(got[0]["losses"], got[1]["losses"])
+    np.testing.assert_array_equal(got[0]["losses"], plain[0]["losses"])
 
 
 def test_ddp_wrapped_model_is_accepted_and_left_working(ranks):

@@ -182,26 +182,43 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
         step.begun = 0  # warm-ups are not steps: an out-of-memory error in the first real one is still retried
 
     side = torch.cuda.Stream() if cuda else None  # one side stream for every warm-up (the allocator pools per stream)
+    sync = step.sync
+
+    def warm() -> None:
+        """One warm-up step on the side stream, without the ranks' averaging: a warm-up that fails on one rank
+        only must not leave the ranks' collectives out of step (its effects are reset anyway)."""
+        step.sync = None
+        try:
+            _on_side_stream(side, one_step)
+        finally:
+            step.sync = sync
 
     if compile or graphs:
         t0 = time.perf_counter()
+        failed = ""
         try:
-            _on_side_stream(side, one_step)  # compiles
+            warm()  # compiles
             _sync(cuda)
         except Exception as e:  # noqa: BLE001 - any compile failure selects the eager forward
             if not compile or is_oom(e):
                 raise
-            run.notes.append(f"torch.compile failed, eager forward: {type(e).__name__}: {_first_line(e)}")
+            failed = f"torch.compile failed, eager forward: {type(e).__name__}: {_first_line(e)}"
+        if compile and sync is not None and not sync.all_true(not failed, "agreeing on torch.compile") and not failed:
+            failed = "torch.compile failed on another rank: eager forward on every rank"
+        if failed:
+            run.notes.append(failed)
             run.compiled = False
             reset()
             step.forward = make_forward(False)
-            _on_side_stream(side, one_step)
+            warm()
             _sync(cuda)
         run.timings["compile" if run.compiled else "warmup"] = time.perf_counter() - t0
     graph = None
     if graphs:
         t0 = time.perf_counter()
-        graph, why = _capture(one_step, warmup - 1, reset, side)
+        graph, why = _capture(one_step, warmup - 1, reset, warm)
+        if sync is not None and not sync.all_true(graph is not None, "agreeing on CUDA graph capture") and not why:
+            graph, why = None, "it failed on another rank: eager steps on every rank"
         if why:
             run.notes.append(f"CUDA graph capture failed, eager steps: {why}")
         run.timings["capture"] = time.perf_counter() - t0
@@ -229,20 +246,21 @@ def _replay(step: Step, one_step: Callable[[], None]) -> int:
     return step.steps
 
 
-def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None], side):
-    """Warm up on the side stream, then capture one step; returns (graph, '') or (None, why not). The step counter
-    and everything else a step writes is reset before each warm-up call, so that none reads past the last row of
-    the LR table or of the static inputs whatever S is. A capture that fails leaves the stream that was current
-    current again (torch's CUDAGraph.__exit__ calls capture_end before it leaves the capture stream)."""
+def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None], warm: Callable[[], None]):
+    """Warm up (`warm`: one step on the side stream), then capture one step, the ranks' averaging in it; returns
+    (graph, '') or (None, why not). Everything a step writes, the step counter too, is reset before each warm-up,
+    so that none reads past the last row of the LR table or of the static inputs whatever S is. A capture that
+    fails leaves the stream that was current current again (torch's CUDAGraph.__exit__ calls capture_end before
+    it leaves the capture stream)."""
     current = torch.cuda.current_stream()
     try:
         for _ in range(max(0, warmup)):
             reset()
-            _on_side_stream(side, one_step)
+            warm()
         torch.cuda.synchronize()
         reset()
         with _sync_errors():  # a host sync inside the step (e.g. .item() in the model) cannot be captured
-            _on_side_stream(side, one_step)
+            warm()
         torch.cuda.synchronize()
         reset()
         graph = torch.cuda.CUDAGraph()
