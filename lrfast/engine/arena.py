@@ -52,8 +52,19 @@ def backend_for(kind: str, device: torch.device) -> tuple[str, str | None]:
     return ("cpp" if kernels.BACKEND == "cpp" else "reference"), None
 
 
+# Rows are padded to a multiple of this many elements (zeros, never viewed by a parameter, which every kernel leaves
+# at zero): Triton 3.6's sm_90 code for a row length that is a multiple of 16 uses 8 ld.global.v4 loads per block,
+# otherwise 41 scalar ones, and rows k > 0 start misaligned (read from the compiled kernels; not yet timed on a GPU).
+ROW_ALIGN = 16
+
+
+def padded(n: int) -> int:
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
+
+
 class Arena:
-    """Flat buffers for K candidates, all starting from the model's current weights."""
+    """Flat buffers for K candidates, all starting from the model's current weights; each row is padded to a
+    multiple of ROW_ALIGN elements (the parameters' views cover the first ones)."""
 
     def __init__(self, plan: OptimizerPlan, k: int, device: torch.device, backend: str | None = None):
         """`backend`: the kernels Arena.update runs ("cpp" | "reference" | "triton"; default backend_for's)."""
@@ -70,12 +81,14 @@ class Arena:
         # all-reduces all the grads of a dtype in one call
         sizes: dict[torch.dtype, int] = {}
         for _, dtype, params in layout:
-            sizes[dtype] = sizes.get(dtype, 0) + k * sum(p.numel() for p in params)
+            sizes[dtype] = sizes.get(dtype, 0) + k * padded(sum(p.numel() for p in params))
         self.grad_buffers = {dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         for group, dtype, params in layout:
-            n = sum(p.numel() for p in params)
-            row = torch.cat([p.detach().reshape(-1).to(device) for p in params])
+            used = sum(p.numel() for p in params)
+            n = padded(used)
+            tail = torch.zeros(n - used, dtype=dtype, device=device)
+            row = torch.cat([p.detach().reshape(-1).to(device) for p in params] + [tail])
             flat = row.unsqueeze(0).repeat(k, 1).contiguous()
             g = self.grad_buffers[dtype][offsets[dtype] : offsets[dtype] + k * n].view(k, n)
             offsets[dtype] += k * n
