@@ -242,3 +242,16 @@ def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_message():
     with pytest.raises(ValueError, match="CUDA tensors only"):
         T.adam_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1), 1,
                     AdamParams())  # fmt: skip
+
+
+def test_bias_corrections_computed_once_give_the_same_step_bitwise():
+    """The engine computes Adam's bias corrections once per step for all segments (issue 16: bookkeeping)."""
+    hp = AdamParams(weight_decay=0.01, decoupled=True)
+    p, g, m, v = _tensors(2, 37)
+    m.zero_(), v.zero_()
+    q, mq, vq = p.clone(), m.clone(), v.clone()
+    lr = torch.tensor([1e-2, 3e-2], device=DEVICE)
+    counter = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    T.adam_step(p, g, m, v, lr, counter, hp)
+    T.adam_step(q, g, mq, vq, lr, counter, hp, corrections=T.bias_corrections(hp, counter, q.device))
+    assert torch.equal(p, q) and torch.equal(m, mq) and torch.equal(v, vq)

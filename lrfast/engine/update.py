@@ -53,11 +53,16 @@ class TritonFused:
     def __call__(self, lr_table: torch.Tensor, number, mask: torch.Tensor | None) -> None:
         if mask is not None:
             mask = mask.to(torch.float32)  # once for all segments (the kernels read a float mask)
+        corrections: dict[tuple, torch.Tensor] = {}  # Adam's bias corrections: once per step and (beta1, beta2)
         for s in self.arena.segments:
             p, low = (s.p, None) if s.master is None else (s.master, s.p)  # low: bf16 / fp16 copy of the masters
             seg_lr = lr_table if s.lr_scale == 1.0 else lr_table * s.lr_scale
             if self.arena.kind == "adam":
-                self.kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, number, s.hp, mask=mask, low=low)
+                key = (s.hp.beta1, s.hp.beta2)
+                if key not in corrections:
+                    corrections[key] = self.kernel.bias_corrections(s.hp, number, self.arena.device)
+                self.kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, number, s.hp, mask=mask, low=low,
+                                      corrections=corrections[key])  # fmt: skip
             else:
                 self.kernel.sgd_step(p, s.g, s.state.get("buf"), seg_lr, number, s.hp, mask=mask, low=low)
 

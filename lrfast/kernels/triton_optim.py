@@ -28,7 +28,7 @@ import torch
 
 from lrfast.kernels.reference import AdamParams, SGDParams, check_like
 
-__all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
+__all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "bias_corrections", "SGDParams", "AdamParams"]
 
 try:
     import triton
@@ -206,8 +206,9 @@ def _common(p, lr, step, mask, low) -> tuple[tuple, dict]:
     return pointers, flags
 
 
-def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None) -> None:
-    """One Adam / AdamW (hp.decoupled) step for every candidate whose effective LR is not 0."""
+def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None, corrections=None) -> None:
+    """One Adam / AdamW (hp.decoupled) step for every candidate whose effective LR is not 0. `corrections`:
+    bias_corrections(hp, step, device), when the caller computes them once for several segments of one step."""
     if not isinstance(hp, AdamParams):
         raise TypeError(f"hp must be of type AdamParams, got {type(hp).__name__}")
     _check(p, g, {"m": m, "v": v}, lr, step, mask, low)
@@ -219,7 +220,8 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None) -> N
     values = (hp.beta1, hp.beta2, hp.eps, hp.weight_decay)
     (low_, lr_, mask_, step_), flags = _common(p, lr, step, mask, low)
     _adam_kernel[(triton.cdiv(n, BLOCK), k)](
-        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device), _bias_corrections(hp, step, p.device),
+        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device),
+        corrections if corrections is not None else bias_corrections(hp, step, p.device),
         0 if flags["STEP_ON_DEVICE"] else step,
         n, k, DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0, **flags,
     )  # fmt: skip
@@ -250,7 +252,7 @@ def sgd_step(p, g, buf, lr, step, hp: SGDParams, *, mask=None, low=None) -> None
     )  # fmt: skip
 
 
-def _bias_corrections(hp: AdamParams, step, device: torch.device) -> torch.Tensor:
+def bias_corrections(hp: AdamParams, step, device: torch.device) -> torch.Tensor:
     """[1 - beta1**step, sqrt(1 - beta2**step)] in fp64 on the device. For a device step, torch ops on the device
     (capturable; fp64 transcendentals stay out of the kernel, where not every backend lowers them)."""
     if isinstance(step, torch.Tensor):
