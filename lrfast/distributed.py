@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lrfast.errors import DistributedError  # noqa: F401 - raised here, importable from here as before
+from lrfast.errors import DistributedError, first_line
 
 MODES = ("ddp", "candidates", "off")
 
@@ -182,7 +182,7 @@ class Sync:
         try:
             yield
         except RuntimeError as e:  # DistBackendError, DistStoreError...: a peer closed the connection or timed out
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = first_line(e)[:300] or type(e).__name__
             raise DistributedError(
                 f"lrfast distributed={self.mode!r}, rank {self.rank} of {self.world}: {what} failed after waiting "
                 f"at most timeout={self.timeout:g} s: {first}. Another rank most likely raised (its own error is "

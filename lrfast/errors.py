@@ -13,6 +13,11 @@ class DistributedError(RuntimeError):
     """A collective of a distributed range test failed or timed out: another rank raised or stalled."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (whole sentences, where cutting at a length would end mid-word)."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error, host or device, as torch raises it."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):

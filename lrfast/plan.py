@@ -86,9 +86,9 @@ class Plan:
                    cuda if opts.compile is None else opts.compile, cuda if opts.graphs is None else opts.graphs,
                    why_not_graphs, 10 if cuda else 1, notes=list(optimizer.notes))  # fmt: skip
 
-    def fit(self, first_batch, sync=None) -> None:
+    def fit(self, first_batch) -> None:
         """The chunk size: how many of this rank's candidates one pass may hold (a probe step measures one; K = 1
-        without max_memory skips it), agreed over the ranks with `sync`."""
+        without max_memory skips it); a distributed run then agrees on it (api._agree)."""
         mine = self.end - self.first
         self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, self.opts.loss_fn,
                                                     self.device, mine, self.opts.max_memory)  # fmt: skip

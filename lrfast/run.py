@@ -16,7 +16,7 @@ from lrfast.engine.forward import Accumulate, BatchedStep, ModuleStep, stackable
 from lrfast.engine.loop import Outcome, Step, drive_eager, drive_graph
 from lrfast.engine.memory import oom_message
 from lrfast.engine.tracker import Tracker
-from lrfast.errors import OutOfMemoryError, is_oom
+from lrfast.errors import OutOfMemoryError, first_line, is_oom
 from lrfast.plan import Plan
 from lrfast.state import Snapshot, capture_rng, restore_rng
 
@@ -118,7 +118,7 @@ def _retry_or_raise(e: BaseException, plan: Plan, c: int) -> str:
         raise OutOfMemoryError(f"out of memory on {plan.device} with {c} candidates in one pass: distributed='ddp' "
                                "cannot retry with fewer (every rank would have to); pass max_memory=... to run fewer "
                                "at a time") from e  # fmt: skip
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return f"{type(e).__name__}: {first_line(e)}"[:200]
 
 
 class Chunk:

@@ -59,22 +59,22 @@ class Slots:
     the user's optimizer silently stops updating it); with both names passed it refuses them as tied."""
 
     def __init__(self, model: nn.Module):
+        # each parameter's and buffer's first name (as named_parameters / named_buffers give it) -> its id
+        self.ids = {n: id(t) for named in (model.named_parameters(), model.named_buffers()) for n, t in named}
         modules = list(model.modules())
         self.params = [(m._parameters, n, t) for m in modules for n, t in m._parameters.items() if t is not None]
         self.buffers = [(m._buffers, n, t) for m in modules for n, t in m._buffers.items() if t is not None]
 
-    def call(self, module: nn.Module, params: dict[int, torch.Tensor], buffers: dict[int, torch.Tensor], args: tuple,
+    def call(self, module: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], args: tuple,
              kwargs: dict):
-        """module(*args, **kwargs) with each slot holding tensor t holding params[id(t)] (buffers[id(t)]) instead,
-        where given; afterwards, also on an exception, every slot holds its original object again. (try/finally,
-        not a context manager: torch.compile traces it.)"""
+        """module(*args, **kwargs) with every slot holding the tensor named n (by its first name) holding params[n]
+        (buffers[n]) instead, where given; afterwards, also on an exception, every slot holds its original object
+        again. (try/finally, not a context manager: torch.compile traces it.)"""
+        new = {self.ids[n]: t for given in (params, buffers) for n, t in given.items()}
         try:
-            for d, name, t in self.params:
-                if id(t) in params:
-                    d[name] = params[id(t)]
-            for d, name, t in self.buffers:
-                if id(t) in buffers:
-                    d[name] = buffers[id(t)]
+            for d, name, t in self.params + self.buffers:
+                if id(t) in new:
+                    d[name] = new[id(t)]
             return module(*args, **kwargs)
         finally:
             self.put_back()
@@ -82,11 +82,6 @@ class Slots:
     def put_back(self) -> None:
         for d, name, t in self.params + self.buffers:
             d[name] = t
-
-
-def ids_by_name(model: nn.Module) -> dict[str, int]:
-    """Parameter and buffer names (each tensor's first name, as named_parameters gives it) -> the tensor's id."""
-    return {n: id(t) for named in (model.named_parameters(), model.named_buffers()) for n, t in named}
 
 
 class Snapshot:
@@ -115,7 +110,9 @@ class Snapshot:
                 p.grad = grad
         clones: dict[int, torch.Tensor] = {}  # one clone per buffer object: a buffer shared by two modules stays shared
         for m, name, b in self.buffers:
-            m._buffers[name] = clones.setdefault(id(b), b.detach().to(device, copy=True))
+            if id(b) not in clones:
+                clones[id(b)] = b.detach().to(device, copy=True)
+            m._buffers[name] = clones[id(b)]
 
     def unlend(self) -> None:
         """Point the parameters back at the user's tensors (never written), e.g. before the next chunk's arena

@@ -29,9 +29,9 @@ from torch.utils import _pytree as pytree
 from lrfast.batches import Split, stack, stack_difference
 from lrfast.engine.amp import autocast
 from lrfast.engine.arena import Arena
-from lrfast.errors import is_oom
+from lrfast.errors import first_line, is_oom
 from lrfast.loss import check_finite, check_scalar, explain_arity, first_loss, resolve_loss
-from lrfast.state import Slots, capture_rng, forked_rng, ids_by_name, restore_rng
+from lrfast.state import Slots, capture_rng, forked_rng, restore_rng
 
 
 class ModuleStep:
@@ -127,13 +127,12 @@ class BatchedStep:
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for seg in arena.segments for p in seg.params]
-        self.slots, self.ids = Slots(model), ids_by_name(model)
+        self.slots = Slots(model)
         self.p = [v for seg in arena.segments for v in seg.stacked(seg.p)]
         self.g = [v for seg in arena.segments for v in seg.stacked(seg.g)]
         self.buffers = _clone_buffers(model, arena.k)
         self.mode, self.why = ("loop", why_loop) if why_loop else ("vmap", "")
-        self.notes = [f"the {arena.k} candidates run as a per-candidate loop (K module calls per step, slower than "
-                      f"one batched call): {why_loop}"] if why_loop else []  # fmt: skip
+        self.notes = [_loop_note(arena.k, why_loop)] if why_loop else []
         self.calls = 0
         self.compile = compile
         self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
@@ -151,10 +150,9 @@ class BatchedStep:
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
                 if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
                     raise  # candidates; compiled: the caller retries this vmap eagerly (engine/loop.py drive_graph)
-                first_line = (str(e).strip().splitlines() or [""])[0]  # whole sentences: the first line of it
-                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line}"
-                self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop (K module calls per "
-                                  f"step, slower than one batched call): {self.why}")  # fmt: skip
+                # whole sentences: the first line of the message
+                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line(e)}"
+                self.notes.append(_loop_note(self.arena.k, self.why))
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
                 restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
                 loss = self._loop_first(item)
@@ -194,9 +192,7 @@ class BatchedStep:
 
     def _call(self, params: dict, buffers: dict, args: tuple, kwargs: dict):
         """The model with these parameters and buffers (by name) in every slot that holds them."""
-        ids = self.ids
-        return self.slots.call(self.model, {ids[n]: t for n, t in params.items()},
-                               {ids[n]: t for n, t in buffers.items()}, args, kwargs)  # fmt: skip
+        return self.slots.call(self.model, params, buffers, args, kwargs)
 
     def _scaled_loss(self, params, buffers, args, kwargs, target, scale) -> torch.Tensor:
         """The loss times the candidate's fp16 loss scale (1 without one): a power of two, so loss / scale is exact."""
@@ -288,6 +284,11 @@ class BatchedStep:
                     view[k].copy_(g)
             losses.append(loss.detach().float().reshape(()))
         return torch.stack(losses)
+
+
+def _loop_note(k: int, why: str) -> str:
+    return (f"the {k} candidates run as a per-candidate loop (K module calls per step, slower than one batched call): "
+            f"{why}")
 
 
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"

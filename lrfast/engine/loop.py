@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from lrfast.batches import stack, stack_difference
 from lrfast.engine.arena import Arena
 from lrfast.engine.tracker import Tracker
-from lrfast.errors import is_oom
+from lrfast.errors import first_line, is_oom
 from lrfast.state import capture_rng, restore_rng
 
 WARMUP = 3  # steps before capture: the first compiles, the others let autograd's streams and the allocator settle
@@ -202,7 +202,7 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
         except Exception as e:  # noqa: BLE001 - any compile failure selects the eager forward
             if not compile or is_oom(e):
                 raise
-            failed = f"torch.compile failed, eager forward: {type(e).__name__}: {_first_line(e)}"
+            failed = f"torch.compile failed, eager forward: {type(e).__name__}: {first_line(e)}"
         if compile and sync is not None and not sync.all_true(not failed, "agreeing on torch.compile") and not failed:
             failed = "torch.compile failed on another rank: eager forward on every rank"
         if failed:
@@ -273,11 +273,7 @@ def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None
         if is_oom(e):
             raise
         torch.cuda.synchronize()
-        return None, f"{type(e).__name__}: {_first_line(e)}"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from torch import nn
 from lrfast.batches import Split
 from lrfast.engine.arena import Arena
 from lrfast.loss import explain_arity, resolve_loss
-from lrfast.state import Slots, forked_rng, ids_by_name
+from lrfast.state import Slots, forked_rng
 
 
 def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
@@ -32,10 +32,8 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    ids = ids_by_name(model)
     with forked_rng(arena.device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = explain_arity(Slots(model).call, split, model, {ids[n]: t for n, t in leaves.items()},
-                            {ids[n]: t for n, t in buffers.items()}, split.args, split.kwargs)  # the first call
+        out = explain_arity(Slots(model).call, split, model, leaves, buffers, split.args, split.kwargs)  # 1st call
         loss_f, _ = resolve_loss(loss_fn, out, split)
         loss = loss_f(out, split)
     grads = sum(v.nbytes for v in leaves.values())
