@@ -131,20 +131,20 @@ def find(
         shown = opts.progress and (sync is None or sync.rank == 0)
         with _progress_bar(shown, opts.steps * -(-mine // plan.chunk)) as bar:
             done = run_chunks(plan, snap, data, bar, sync)
-        t_steps = time.perf_counter()
         if plan.dist_mode == "candidates":  # every rank gets the full [K, S] result, in rank order
+            mine_timings = done.timings  # this rank's seconds, not the sum over the ranks
             parts = sync.gather("gathering the candidates' curves", done)
             done = parts[0]
             for part in parts[1:]:
                 done = done.merge(part)
+            done.timings = mine_timings
     finally:
         try:
             if sync is not None:
                 sync.close()  # first: a peer still waiting on this rank gets an error now, not after the timeout
         finally:
             snap.restore()
-    timings = {"setup": t_setup - t0, **done.timings}  # compile / capture apart from the steps, where they ran
-    timings.setdefault("steps", t_steps - t_setup)
+    timings = {"setup": t_setup - t0, **done.timings}  # steps, and compile / capture apart from them where they ran
     timings["total"] = time.perf_counter() - t0
     return _result(plan, data, done, sync, timings)
 

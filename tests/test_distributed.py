@@ -107,7 +107,7 @@ def _checked_find(model, loader, **kwargs) -> dict:
     assert_same_rng(rng, rng_states())
     out = {"error": None if error is None else type(error).__name__, "message": str(error), "seconds": seconds}
     if res is not None:
-        keys = ("losses", "smoothed", "val_losses", "steps_run", "lrs", "info", "suggestion")
+        keys = ("losses", "smoothed", "val_losses", "steps_run", "lrs", "info", "suggestion", "timings")
         out.update({key: getattr(res, key) for key in keys if getattr(res, key) is not None})
     return out
 
@@ -275,6 +275,8 @@ def test_candidates_mode_splits_k_over_ranks_and_equals_one_process(ranks, strat
     np.testing.assert_allclose(got[0]["losses"], one.losses, rtol=1e-6)
     np.testing.assert_allclose(got[0]["smoothed"], one.smoothed, rtol=1e-6)
     assert got[0]["suggestion"] == pytest.approx(one.suggestion, rel=1e-6)
+    # each rank reports its own seconds (the merged result summed every rank's: the same number on both ranks)
+    assert got[0]["timings"]["steps"] != got[1]["timings"]["steps"]
 
 
 @pytest.mark.parametrize(
