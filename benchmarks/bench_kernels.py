@@ -33,6 +33,9 @@ from lrfast.kernels.reference import AdamParams
 
 BYTES_PER_PARAM = 28  # AdamW fp32: read p, g, m, v; write p, m, v
 CASES = [(10_000, 1), (1_000_000, 1), (100_000_000, 1), (100_000, 16)]  # (params per candidate, K)
+# on CUDA also the digits MLP's 203,530 params x 8 candidates, and the same padded to a multiple of 16 as the arena
+# pads each row (Triton emits 128-bit vector loads only for rows whose length it can prove 16-aligned)
+ALIGNMENT_CASES = [(203_530, 8), (203_536, 8)]
 QUICK_CASES = [(10_000, 1), (1_000, 4)]
 KERNELS = ["lrfast_cpp", "lrfast_triton", "lrfast_reference", "torch_fused", "torch_foreach",
            "torch_fused_adamw_direct", "copy"]  # fmt: skip
@@ -290,6 +293,8 @@ def main(argv=None) -> int:
         print(f"lrfast C++ backend: {cpu.BACKEND} ({cpu.WHY or 'built'}); torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
         cases, rounds = (QUICK_CASES, 3) if args.quick else (CASES, args.rounds)
+        if args.device == "cuda" and not args.quick:
+            cases = cases + ALIGNMENT_CASES
         rows = run(rounds, cases, args.device, 0.0 if args.quick else args.wait_quiet)
         report.write_csv(rows, out / "kernels.csv", COLUMNS)
     render(out / "kernels.csv")

@@ -1,18 +1,23 @@
-"""The GPU run in one command, for a fresh CUDA machine with no package registry: install lrfast, run the CUDA tests
-and the benchmarks with --device cuda into benchmarks/results/cuda/ (CSV, MD and PNG as in results/cpu/, plus
-env.json, tests.xml and logs/), then render README's performance tables.
+"""The GPU run in one command, for a fresh CUDA machine with no package registry: install lrfast, check the CUDA
+paths, then run the benchmarks with --device cuda into benchmarks/results/cuda/ (CSV, MD and PNG as in results/cpu/,
+plus env.json, probe-*.json, tests-*.xml and logs/), then render README's performance tables.
 
     python -m benchmarks.gpu [--wheels DIR] [--no-install] [--out DIR] [--workloads mlp,lenet,...]
     python -m benchmarks.gpu --plan-only     # print the stages (commands, budgets); run nothing
     python -m benchmarks.gpu --dry-run       # print them, then run each stage's CPU-sized version into --out DIR
     benchmarks/gpu.sh ...                    # the same from the repo root (relative paths are taken from there)
 
-Stages run in turn, each as a subprocess in its own process group, killed at its time budget (BUDGET_S), its output
-in OUT/logs/<stage>.log: wheels (pip install --no-deps --no-index DIR/*.whl: torch-lr-finder, or the build
-backend), install (pip install -e .), env (GPU, versions, lrfast.info()), tests, compare (one process per
-workload, merged into one compare.csv), kernels, candidates, readme. A stage that fails or runs out of time is
-recorded in env.json (exit status, the last lines of its log) and the next one runs; the exit code is 1 if any
-failed. env.json is rewritten after every stage, so a run cut short still says how far it got.
+Stages run in turn, most informative first, so that a run cut short still tells the most: wheels (pip install
+--no-deps --no-index DIR/*.whl: torch-lr-finder, or the build backend), install (pip install -e .), env (GPU,
+versions incl. NCCL, lrfast.info()), triton (the kernel tests, compiled), capture (the CUDA graph tests: K = 1, grid,
+seeds, under sync-debug "error"), probe (find on the MLP, K = 1 and 8, fp32 and bf16, compile and graphs on and
+off: path, notes, timings, Dynamo graphs, distance to the eager curve), cuda-tests (the other CUDA cases), kernels
+(bandwidth, aligned and unaligned rows), bn (bf16 + BatchNorm), short (steps = 4, then 3, each in its own process:
+a device-side assert poisons only its process), compare (one process per workload, merged into one compare.csv),
+candidates, readme. Each runs as a subprocess in its own process group, killed at its time budget (BUDGET_S), its
+output in OUT/logs/<stage>.log. A stage that fails or runs out of time is recorded in env.json (exit status, the
+last lines of its log) and the next one runs; the exit code is 1 if any failed. env.json is rewritten after every
+stage, so a run cut short still says how far it got.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ PY = sys.executable
 # these sizes, and env.json records each part's wall seconds to set them from.
 K1 = "lrfast,torch_lr_finder,lightning,bare"
 COMPARE = {
-    "mlp": (60, ["--contestants", "lrfast,lrfast_k16,lrfast_k32,torch_lr_finder,lightning,bare", "--repeats", "2",
+    "mlp": (50, ["--contestants", "lrfast,lrfast_k16,lrfast_k32,torch_lr_finder,lightning,bare", "--repeats", "2",
                  "--first-repeats", "0"]),
-    "lenet": (75, ["--contestants", K1, "--repeats", "2", "--first-repeats", "1"]),
-    "resnet18": (90, ["--contestants", K1, "--repeats", "1", "--first-repeats", "0"]),
+    "lenet": (50, ["--contestants", K1, "--repeats", "2", "--first-repeats", "1"]),
+    "resnet18": (40, ["--contestants", K1, "--repeats", "1", "--first-repeats", "0"]),
     "chargpt": (60, ["--contestants", K1, "--repeats", "1", "--first-repeats", "0"]),
     "gpt2": (150, ["--contestants", K1, "--first-repeats", "0"]),
 }
@@ -63,19 +68,27 @@ RENDER_S = 10  # compare.py --render of the merged CSV: one process, matplotlib
 BUDGET_S = {
     "wheels": 15,  # pip --no-index of one or two wheels: a few seconds
     "install": 40,  # cmake configure + one pybind11 C++ file at -O3 (no torch headers) + pip's editable wheel
-    "env": 10,  # one python: import torch, CUDA init, device name, lrfast.info()
-    "tests": 75,  # 109 tests (CUDA_TESTS); Triton JIT-compiles each kernel specialization once, then caches it
-    "compare": sum(COMPARE[w][0] for w in WORKLOADS) + RENDER_S,  # 235: the parts above
-    "kernels": 35,  # 4 cases x 7 kernels x 41 rounds of ~4 ms timed, plus set-up: 100M-param randn on the host
-    "candidates": 60,  # mlp, K = 1 and 8: ~17 lrfast calls, each with its own compile + capture
+    "env": 10,  # one python: import torch, CUDA init, device name, NCCL version, lrfast.info()
+    "triton": 30,  # ~85 kernel tests; Triton JIT-compiles each kernel specialization once, then caches it
+    "capture": 30,  # test_graphed: its CPU cases and ~10 CUDA ones, each a small capture
+    "probe": 60,  # 13 finds on the MLP, 8 of them compiled (Inductor's cache makes the later ones faster)
+    "cuda-tests": 15,  # the other CUDA cases
+    "kernels": 30,  # 6 cases x 7 kernels x 41 rounds of ~4 ms timed, plus set-up: 100M-param randn on the host
+    "bn": 20,  # 2 finds on a small BatchNorm ResNet in bf16, K = 4, one compiled
+    "short": 30,  # steps = 4 and 3: 2 processes of 2 finds each (CUDA init, one compile each)
+    "compare": sum(COMPARE[w][0] for w in WORKLOADS) + RENDER_S,  # 150: the parts above
+    "candidates": 40,  # mlp, K = 1 and 8: ~17 lrfast calls, each with its own compile + capture
     "readme": 10,
 }
+SHORT_STEPS = (4, 3)  # 4 first: the last length that worked before the step counter was reset between warm-ups
 CANDIDATES = ["--workloads", "mlp", "--ks", "1,8", "--steps", "100", "--repeats", "1"]
-DRY_TIMEOUT_S = 120  # per part of a dry run: 3-13 s each, 45 s in all on the 2-core CPU machine (more when shared)
+DRY_TIMEOUT_S = 120  # per part of a dry run: 3-13 s each, 60 s in all on the 2-core CPU machine (more when shared)
 
 # grep cuda.is_available tests/: the CUDA-only cases are in test_graphed (skipif no CUDA) and test_triton (compiled
 # on CUDA, interpreted on CPU), and test_find's info test asserts info["cuda"]. The others found by the grep:
-CUDA_TESTS = ("tests/test_graphed.py", "tests/test_triton.py", "tests/test_find.py::test_info_reports_backends")
+TESTS = {"triton": ("tests/test_triton.py",), "capture": ("tests/test_graphed.py",),
+         "cuda-tests": ("tests/test_find.py::test_info_reports_backends",)}  # fmt: skip
+CUDA_TESTS = tuple(t for stage in TESTS.values() for t in stage)
 NOT_CUDA_ONLY = {
     "tests/_helpers.py": "triton_kernels(), a helper of test_graphed and test_triton",
     "tests/test_bench_smoke.py": "its CUDA case is skipped when a GPU is there; the rest are CPU --quick runs",
@@ -93,6 +106,10 @@ env = {"gpu": torch.cuda.get_device_name(0) if cuda else None, "gpu_count": torc
        "cuda_available": cuda, "python": platform.python_version(), "torch": torch.__version__,
        "cuda": torch.version.cuda, "triton": v("triton"), "lrfast": v("lrfast"),
        "pytorch_lightning": v("pytorch-lightning"), "torch_lr_finder": v("torch-lr-finder")}
+try:
+    env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if cuda else None
+except Exception as e:
+    env["nccl"] = f"unknown ({type(e).__name__}: {e})"
 try:
     import lrfast
     env["lrfast_path"], env["lrfast_info"] = str(lrfast.__file__), lrfast.info()
@@ -186,8 +203,22 @@ def plan(out: Path = RESULTS, wheels: Path | None = None, install: bool = True, 
     ]  # fmt: skip
 
     # a dry run collects the tests: their CUDA cases skip on CPU, and running the CPU ones is the suite's job
-    tests = [PY, "-m", "pytest", "-q", *(["--collect-only"] if dry else []), "--junitxml", str(out / "tests.xml")]
-    stages.append(Stage("tests", [part("tests", [*tests, *CUDA_TESTS], BUDGET_S["tests"])]))
+    def tests(stage: str) -> Stage:
+        argv = [PY, "-m", "pytest", "-q", *(["--collect-only"] if dry else []), "--junitxml",
+                str(out / f"tests-{stage}.xml"), *TESTS[stage]]  # fmt: skip
+        return Stage(stage, [part(stage, argv, BUDGET_S[stage])])
+
+    probe = [PY, "-m", "benchmarks.probe"]
+    stages += [tests("triton"), tests("capture"),
+               Stage("probe", [part("probe", [*probe, "matrix", *device, "--out", str(out)], BUDGET_S["probe"])]),
+               tests("cuda-tests")]  # fmt: skip
+
+    kernels = [PY, "-m", "benchmarks.bench_kernels", *device, "--out", str(out)]
+    stages.append(Stage("kernels", [part("kernels", kernels, BUDGET_S["kernels"])]))
+    stages.append(Stage("bn", [part("bn", [*probe, "bn", *device, "--out", str(out)], BUDGET_S["bn"])]))
+    stages.append(Stage("short", [
+        part(f"steps{n}", [*probe, "steps", "--steps", str(n), *device, "--out", str(out)],
+             BUDGET_S["short"] / len(SHORT_STEPS)) for n in SHORT_STEPS]))  # fmt: skip
 
     scratch = Path(tempfile.gettempdir()) / f"lrfast-gpu-compare-{os.getpid()}"
     compare, runs = [PY, "-m", "benchmarks.compare"], list(workloads[:1] if dry else workloads)
@@ -199,8 +230,6 @@ def plan(out: Path = RESULTS, wheels: Path | None = None, install: bool = True, 
         part("render", [*compare, "--render", str(merged)], RENDER_S, before=lambda: merge_csv(scratch, runs, merged)),
     ]))  # fmt: skip
 
-    kernels = [PY, "-m", "benchmarks.bench_kernels", *device, "--out", str(out)]
-    stages.append(Stage("kernels", [part("kernels", kernels, BUDGET_S["kernels"])]))
     cand = [PY, "-m", "benchmarks.bench_candidates", *device, *(["--workloads", "mlp"] if dry else CANDIDATES)]
     stages.append(Stage("candidates", [part("candidates", [*cand, "--out", str(out)], BUDGET_S["candidates"])]))
     # README.md is rendered from benchmarks/results only; results anywhere else are printed into the log

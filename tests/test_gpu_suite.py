@@ -20,7 +20,9 @@ except ImportError:  # pytest run from elsewhere: the repo root holds benchmarks
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from benchmarks import gpu
 
-STAGES = ["wheels", "install", "env", "tests", "compare", "kernels", "candidates", "readme"]
+# most informative first (issue 16): versions, the kernel and capture tests, the find probes, then the benchmarks
+STAGES = ["wheels", "install", "env", "triton", "capture", "probe", "cuda-tests", "kernels", "bn", "short", "compare",
+          "candidates", "readme"]  # fmt: skip
 PY = sys.executable
 
 
@@ -43,7 +45,15 @@ def test_the_gpu_plan_runs_every_stage_on_cuda_into_results_cuda_within_8_minute
     pip = [PY, "-m", "pip", "install", "--no-deps", "--no-index"]
     assert _argv(stages, "install") == [*pip, "--no-build-isolation", "-e", "."]
     assert callable(stages[1].skip)  # the build backend is looked for when the stage's turn comes
-    assert _argv(stages, "tests") == [PY, "-m", "pytest", "-q", "--junitxml", f"{out}/tests.xml", *gpu.CUDA_TESTS]
+    for name in ("triton", "capture", "cuda-tests"):
+        assert _argv(stages, name) == [PY, "-m", "pytest", "-q", "--junitxml", f"{out}/tests-{name}.xml",
+                                       *gpu.TESTS[name]]  # fmt: skip
+    probe = [PY, "-m", "benchmarks.probe"]
+    assert _argv(stages, "probe") == [*probe, "matrix", "--device", "cuda", "--out", out]
+    assert _argv(stages, "bn") == [*probe, "bn", "--device", "cuda", "--out", out]
+    short = next(s for s in stages if s.name == "short").parts  # each length in its own process, 4 before 3
+    assert [p.argv for p in short] == [[*probe, "steps", "--steps", n, "--device", "cuda", "--out", out]
+                                       for n in ("4", "3")]  # fmt: skip
 
     compare = next(s for s in stages if s.name == "compare")
     assert [p.label for p in compare.parts] == [*gpu.WORKLOADS, "render"]
@@ -66,24 +76,26 @@ def test_the_plan_takes_wheels_no_install_other_results_and_workloads(tmp_path):
     assert stages[0].skip is None and _argv(stages, "wheels")[-2:] == [
         str(tmp_path / "a-1.0-py3-none-any.whl"), str(tmp_path / "torch_lr_finder-0.2.2-py3-none-any.whl")]
     assert stages[1].skip == "--no-install"
-    assert [p.label for p in stages[4].parts] == ["gpt2", "render"] and stages[4].budget_s == 150 + gpu.RENDER_S
+    compare = next(s for s in stages if s.name == "compare")
+    assert [p.label for p in compare.parts] == ["gpt2", "render"] and compare.budget_s == 150 + gpu.RENDER_S
     assert _argv(stages, "readme") == [PY, "-m", "benchmarks.readme", "--print", "--dir", str(out)]
     assert "no *.whl" in gpu.plan(wheels=out)[0].skip  # an empty (or missing) folder: nothing to install
     assert not out.exists()
 
 
 def test_every_flag_of_the_plan_is_one_its_benchmark_module_takes(capsys):
-    from benchmarks import bench_candidates, bench_kernels, compare, contestants, workloads
+    from benchmarks import bench_candidates, bench_kernels, compare, contestants, probe, workloads
 
     helps = {}
-    for module in (compare, bench_kernels, bench_candidates):
+    for module in (compare, bench_kernels, bench_candidates, probe):
         with pytest.raises(SystemExit):
             module.main(["--help"])
         helps[module.__name__] = capsys.readouterr().out
     for dry in (False, True):
         stages = gpu.plan(dry=dry, workloads=tuple(gpu.COMPARE))
         parts = [p for s in stages for p in s.parts if p.argv[1] == "-m" and p.argv[2] in helps]
-        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 3  # the workloads, the render, kernels, candidates
+        # the workloads, the render, kernels, candidates, the 4 probes
+        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 3 + 4
         for part in parts:
             for flag in (a for a in part.argv if a.startswith("--")):
                 assert re.search(rf"{flag}\b", helps[part.argv[2]]), (flag, part.argv[2])
@@ -184,7 +196,14 @@ def test_dry_run_prints_the_plan_and_runs_every_stage_cpu_sized_into_out(tmp_pat
     for name in ("compare", "kernels", "candidates"):
         assert all((out / f"{name}.{ext}").stat().st_size > 0 for ext in ("csv", "md", "png")), name
     assert "| mlp | lrfast |" in (out / "logs" / "readme.log").read_text()
-    assert "tests collected" in (out / "logs" / "tests.log").read_text() and (out / "tests.xml").exists()
+    for name in ("triton", "capture", "cuda-tests"):
+        assert "collected" in (out / "logs" / f"{name}.log").read_text() and (out / f"tests-{name}.xml").exists()
+    probes = {p.name: json.loads(p.read_text()) for p in out.glob("probe-*.json")}
+    assert sorted(probes) == ["probe-bn.json", "probe-matrix.json", "probe-steps3.json", "probe-steps4.json"]
+    assert [r["steps"] for r in probes["probe-steps3.json"]] == [3]
+    matrix = probes["probe-matrix.json"]  # on CPU: eager, then compiled without graphs, K = 1 and 8
+    assert [(r["k"], r["compile_asked"]) for r in matrix] == [(1, False), (1, True), (8, False), (8, True)]
+    assert all(r["max_rel_diff_to_eager"] <= r["tolerance"] and r["dynamo_graphs"] == 1 for r in matrix[1::2])
     scratch = re.search(r"--out (\S+)/mlp", dry_plan).group(1)
     assert not Path(scratch).exists()  # the per-workload parts, merged into out/compare.csv
     assert (gpu.ROOT / "README.md").read_bytes() == readme and gpu.RESULTS.exists() == results

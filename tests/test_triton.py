@@ -13,6 +13,8 @@ m 0.5, v 1.0, SGD p 1.0, buf 1.0. Frozen candidates and the LR table / device st
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _helpers import assert_close_in_ulps, triton_kernels
@@ -244,14 +246,49 @@ def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_message():
                     AdamParams())  # fmt: skip
 
 
-def test_bias_corrections_computed_once_give_the_same_step_bitwise():
-    """The engine computes Adam's bias corrections once per step for all segments (issue 16: bookkeeping)."""
+def test_bias_correction_table_gives_the_int_steps_bitwise():
+    """The engine passes Adam's bias corrections as one table [S, 2] made per run (issue 16: bookkeeping): read at
+    the device counter's row, three steps equal the same steps with an int step; a row past the table is refused."""
     hp = AdamParams(weight_decay=0.01, decoupled=True)
     p, g, m, v = _tensors(2, 37)
     m.zero_(), v.zero_()
     q, mq, vq = p.clone(), m.clone(), v.clone()
     lr = torch.tensor([1e-2, 3e-2], device=DEVICE)
+    table = T.bias_table(hp, 3, q.device)
+    assert table.shape == (3, 2) and table[2, 0].item() == 1.0 - hp.beta1**3
     counter = torch.ones(1, dtype=torch.int64, device=DEVICE)
-    T.adam_step(p, g, m, v, lr, counter, hp)
-    T.adam_step(q, g, mq, vq, lr, counter, hp, corrections=T.bias_corrections(hp, counter, q.device))
+    for step in (1, 2, 3):
+        T.adam_step(p, g, m, v, lr, step, hp)
+        T.adam_step(q, g, mq, vq, lr, counter, hp, corrections=table)
+        counter.add_(1)
     assert torch.equal(p, q) and torch.equal(m, mq) and torch.equal(v, vq)
+    with pytest.raises(ValueError, match="past the bias-correction table"):
+        T.adam_step(q, g, mq, vq, lr, 4, hp, corrections=table)
+
+
+@pytest.mark.parametrize("threshold", [4.0, None])
+def test_the_fused_tracker_records_bitwise_as_its_torch_ops(threshold):
+    """Tracker.record as one Triton kernel (issue 16: bookkeeping) equals the torch ops on the same losses, for an
+    int step and the device counter: NaN, inf, a divergence by threshold, a candidate never stopping, K not a power
+    of two."""
+    from lrfast.engine.tracker import Tracker
+
+    T = triton_kernels()
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    k, steps = 5, 7
+    losses = torch.rand(steps, k, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    losses[2, 1], losses[4, 2], losses[3, 3] = math.nan, math.inf, 40.0
+    losses = losses.to(torch.float32).to(dev)  # a float32 loss, as the forward gives: read as fp64
+    for device_step in (False, True):
+        want = Tracker(k, steps, 0.8, threshold, dev, fused=False)
+        got = Tracker(k, steps, 0.8, threshold, dev, fused=True)
+        assert got.kernels is T
+        counter = torch.zeros(1, dtype=torch.int64, device=dev)
+        for t in range(steps):
+            step = counter if device_step else t
+            want.record(step, losses[t])
+            got.record(step, losses[t])
+            counter.add_(1)
+        for x, y in zip(want.tensors, got.tensors):
+            assert torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0)), (x, y)
+        assert want.alive.tolist() == [True, False, False, threshold is None, True]

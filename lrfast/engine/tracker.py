@@ -1,6 +1,7 @@
 """The run's bookkeeping on the device: raw and smoothed losses [K, S], the EMA, the best smoothed loss and its
 step, the alive mask and the step each candidate stopped at. Every update is in place and the step may be a device
-tensor, so a CUDA graph can capture `record` and replay it at every step."""
+tensor, so a CUDA graph can capture `record` and replay it at every step. On CUDA with Triton, `record` is one
+kernel launch (kernels/triton_optim.track) instead of ~30 small ones, bitwise the same values."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ class Tracker:
     A candidate stops at the step where its smoothed loss exceeds threshold x its best smoothed loss, or is not
     finite; that step is recorded, later ones are NaN."""
 
-    def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device):
+    def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device,
+                 fused: bool | None = None):  # fmt: skip
+        """`fused`: record with the Triton kernel (default: on CUDA when Triton is available)."""
         f64 = dict(dtype=torch.float64, device=device)
         self.losses = torch.full((k, steps), math.nan, **f64)
         self.smoothed = torch.full((k, steps), math.nan, **f64)
@@ -25,8 +28,11 @@ class Tracker:
         self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
         self.val = torch.full((k, steps), math.nan, **f64)
         self.beta, self.threshold = smooth, threshold
-        self._beta = torch.tensor(smooth, **f64)
+        # the EMA's debias 1 - b^(t+1) for every step, computed on the host: an int step and a device step divide by
+        # the same number
+        self.debias = torch.tensor([1.0 - smooth ** (t + 1) for t in range(steps)], dtype=torch.float64).to(device)
         self._nan = torch.tensor(math.nan, **f64)
+        self.kernels = _kernels(device) if fused is None else _kernels(device, required=True) if fused else None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -35,13 +41,14 @@ class Tracker:
 
     def record(self, t, loss: torch.Tensor) -> None:
         """Step t's (0-based; an int, or a one-element int64 tensor on the device) losses [K]."""
+        if self.kernels is not None:
+            self.kernels.track(self, t, loss)
+            return
         b, alive = self.beta, self.alive
         loss = loss.to(torch.float64)
         self.avg.copy_(torch.where(alive, self.avg * b + (1.0 - b) * loss, self.avg))
-        if isinstance(t, torch.Tensor):
-            smoothed = self.avg / (1.0 - torch.pow(self._beta, t + 1))
-        else:
-            smoothed = self.avg / (1.0 - b ** (t + 1))
+        smoothed = self.avg / (self.debias.index_select(0, t.reshape(1)) if isinstance(t, torch.Tensor) else
+                               self.debias[t])  # fmt: skip
         _put(self.losses, t, torch.where(alive, loss, self._nan))
         _put(self.smoothed, t, torch.where(alive, smoothed, self._nan))
         self.best_step.copy_(torch.where(alive & (smoothed < self.best), t, self.best_step))
@@ -60,3 +67,16 @@ def _put(buf: torch.Tensor, t, column: torch.Tensor) -> None:
         buf.index_copy_(1, t.reshape(1), column.reshape(-1, 1))
     else:
         buf[:, t] = column
+
+
+def _kernels(device: torch.device, required: bool = False):
+    """kernels/triton_optim when its kernels run on this device, else None (or raise, when `required`)."""
+    if device.type != "cuda" and not required:
+        return None
+    from lrfast.kernels import triton_optim  # imports triton (optional): only here
+
+    if triton_optim.AVAILABLE and (device.type == "cuda" or triton_optim.INTERPRETED):
+        return triton_optim
+    if required:
+        raise RuntimeError(f"the fused tracker needs the Triton kernels on {device}: {triton_optim.WHY or 'no CUDA'}")
+    return None

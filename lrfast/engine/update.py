@@ -49,22 +49,33 @@ class TritonFused:
         from lrfast.kernels import triton_optim  # imports triton: only for a CUDA arena
 
         self.arena, self.kernel = arena, triton_optim
+        self._tables: tuple | None = None  # (lr_table, its scaled copies, Adam's bias-correction tables)
 
     def __call__(self, lr_table: torch.Tensor, number, mask: torch.Tensor | None) -> None:
         if mask is not None:
             mask = mask.to(torch.float32)  # once for all segments (the kernels read a float mask)
-        corrections: dict[tuple, torch.Tensor] = {}  # Adam's bias corrections: once per step and (beta1, beta2)
+        scaled, corrections = self._per_run(lr_table)
         for s in self.arena.segments:
             p, low = (s.p, None) if s.master is None else (s.master, s.p)  # low: bf16 / fp16 copy of the masters
-            seg_lr = lr_table if s.lr_scale == 1.0 else lr_table * s.lr_scale
+            seg_lr = scaled[s.lr_scale]
             if self.arena.kind == "adam":
-                key = (s.hp.beta1, s.hp.beta2)
-                if key not in corrections:
-                    corrections[key] = self.kernel.bias_corrections(s.hp, number, self.arena.device)
                 self.kernel.adam_step(p, s.g, s.state["m"], s.state["v"], seg_lr, number, s.hp, mask=mask, low=low,
-                                      corrections=corrections[key])  # fmt: skip
+                                      corrections=corrections[s.hp.beta1, s.hp.beta2])  # fmt: skip
             else:
                 self.kernel.sgd_step(p, s.g, s.state.get("buf"), seg_lr, number, s.hp, mask=mask, low=low)
+
+    def _per_run(self, lr_table: torch.Tensor) -> tuple[dict, dict]:
+        """What every step of a run reads and none changes, made at its first step: the LR table scaled per param
+        group, and Adam's bias corrections [S, 2] per (beta1, beta2). A step then launches one kernel per segment
+        (and the mask's cast), nothing else."""
+        if self._tables is None or self._tables[0] is not lr_table:
+            segments, steps, device = self.arena.segments, lr_table.shape[0], self.arena.device
+            scaled = {s.lr_scale: lr_table if s.lr_scale == 1.0 else lr_table * s.lr_scale for s in segments}
+            corrections = {}
+            if self.arena.kind == "adam":
+                corrections = {(s.hp.beta1, s.hp.beta2): self.kernel.bias_table(s.hp, steps, device) for s in segments}
+            self._tables = (lr_table, scaled, corrections)
+        return self._tables[1], self._tables[2]
 
 
 class TorchOptim:

@@ -28,7 +28,8 @@ import torch
 
 from lrfast.kernels.reference import AdamParams, SGDParams, check_like
 
-__all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "bias_corrections", "SGDParams", "AdamParams"]
+__all__ = ["AVAILABLE", "WHY", "INTERPRETED", "sgd_step", "adam_step", "bias_corrections", "bias_table", "track",
+           "SGDParams", "AdamParams"]
 
 try:
     import triton
@@ -78,12 +79,15 @@ if triton is not None:
     def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, lr_ptr, mask_ptr, step_ptr, hp_ptr, bc_ptr, step_val, N, K,
                      DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
                      LR_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOW: tl.constexpr,
-                     BLOCK: tl.constexpr):  # fmt: skip
+                     BC_TABLE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         k = tl.program_id(1)
         step, lr = _step_and_lr(lr_ptr, mask_ptr, step_ptr, step_val, k, K, STEP_ON_DEVICE, LR_TABLE, HAS_MASK)
-        # hp (fp64): beta1, beta2, eps, weight_decay; bc (fp64): 1 - beta1**step, sqrt(1 - beta2**step)
+        # hp (fp64): beta1, beta2, eps, weight_decay; bc (fp64): 1 - beta1**step, sqrt(1 - beta2**step), or a table
+        # of them [S, 2] read at the step's row
         beta1, beta2 = tl.load(hp_ptr), tl.load(hp_ptr + 1)
         eps, wd = tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
+        if BC_TABLE:
+            bc_ptr += (step - 1) * 2
         bc1, bc2_sqrt = tl.load(bc_ptr), tl.load(bc_ptr + 1)
         step_size = (lr / bc1).to(tl.float32)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -147,6 +151,43 @@ if triton is not None:
         if HAS_LOW:
             tl.store(low_ptr + row + offs, p.to(low_ptr.dtype.element_ty), mask=live)
 
+    @triton.jit
+    def _track_kernel(loss_ptr, t_ptr, t_val, avg_ptr, best_ptr, alive_ptr, steps_run_ptr, best_step_ptr,
+                      losses_ptr, smoothed_ptr, debias_ptr, hp_ptr, K, S, T_ON_DEVICE: tl.constexpr,
+                      HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """engine/tracker.Tracker.record for all K candidates in one program, op for op in fp64 (launched without
+        FMA contraction, so each multiply and add rounds as torch's separate kernels do)."""
+        k = tl.arange(0, BLOCK)
+        live = k < K
+        if T_ON_DEVICE:
+            t = tl.load(t_ptr).to(tl.int64)
+        else:
+            t = tl.full((), t_val, tl.int64)
+        # hp (fp64): beta, 1 - beta, threshold
+        beta, one_minus_beta, threshold = tl.load(hp_ptr), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2)
+        loss = tl.load(loss_ptr + k, mask=live, other=0.0).to(tl.float64)
+        alive = tl.load(alive_ptr + k, mask=live, other=0) != 0
+        avg = tl.load(avg_ptr + k, mask=live, other=0.0)
+        avg = tl.where(alive, avg * beta + one_minus_beta * loss, avg)
+        tl.store(avg_ptr + k, avg, mask=live)
+        smoothed = avg / tl.load(debias_ptr + t)
+        at = k.to(tl.int64) * S + t
+        tl.store(losses_ptr + at, tl.where(alive, loss, float("nan")), mask=live)
+        tl.store(smoothed_ptr + at, tl.where(alive, smoothed, float("nan")), mask=live)
+        best = tl.load(best_ptr + k, mask=live, other=0.0)
+        best_step = tl.load(best_step_ptr + k, mask=live, other=0)
+        tl.store(best_step_ptr + k, tl.where(alive & (smoothed < best), t, best_step), mask=live)
+        smaller = tl.where(smoothed < best, smoothed, best)  # torch.fmin: a NaN loses to a number
+        best = tl.where(alive, tl.where(best != best, smoothed, tl.where(smoothed != smoothed, best, smaller)), best)
+        tl.store(best_ptr + k, best, mask=live)
+        bad = (smoothed != smoothed) | (tl.abs(smoothed) == float("inf"))
+        if HAS_THRESHOLD:
+            bad = bad | (smoothed > threshold * best)
+        diverged = alive & bad
+        steps_run = tl.load(steps_run_ptr + k, mask=live, other=0)
+        tl.store(steps_run_ptr + k, tl.where(diverged, t + 1, steps_run), mask=live)
+        tl.store(alive_ptr + k, alive & (diverged == 0), mask=live)
+
 
 _hp_cache: dict[tuple, torch.Tensor] = {}
 
@@ -208,7 +249,8 @@ def _common(p, lr, step, mask, low) -> tuple[tuple, dict]:
 
 def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None, corrections=None) -> None:
     """One Adam / AdamW (hp.decoupled) step for every candidate whose effective LR is not 0. `corrections`:
-    bias_corrections(hp, step, device), when the caller computes them once for several segments of one step."""
+    bias_corrections(hp, step, device) [2], or bias_table(hp, S, device) [S, 2] read at the step's row (what the
+    engine passes: made once per run, nothing computed per step)."""
     if not isinstance(hp, AdamParams):
         raise TypeError(f"hp must be of type AdamParams, got {type(hp).__name__}")
     _check(p, g, {"m": m, "v": v}, lr, step, mask, low)
@@ -217,13 +259,19 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams, *, mask=None, low=None, corr
     k, n = p.shape
     if n == 0 or k == 0:
         return
+    if corrections is None:
+        corrections = bias_corrections(hp, step, p.device)
+    elif corrections.dtype != torch.float64 or corrections.device != p.device or corrections.shape[-1:] != (2,):
+        raise ValueError(f"corrections must be fp64 [2] or [S, 2] on {p.device} (bias_corrections / bias_table), got "
+                         f"{corrections.dtype} {tuple(corrections.shape)} on {corrections.device}")  # fmt: skip
+    elif corrections.dim() == 2 and not isinstance(step, torch.Tensor) and step > corrections.shape[0]:
+        raise ValueError(f"step={step} is past the bias-correction table's {corrections.shape[0]} rows")
     values = (hp.beta1, hp.beta2, hp.eps, hp.weight_decay)
     (low_, lr_, mask_, step_), flags = _common(p, lr, step, mask, low)
     _adam_kernel[(triton.cdiv(n, BLOCK), k)](
-        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device),
-        corrections if corrections is not None else bias_corrections(hp, step, p.device),
+        p, g, m, v, low_, lr_, mask_, step_, _hp_tensor(values, p.device), corrections.contiguous(),
         0 if flags["STEP_ON_DEVICE"] else step,
-        n, k, DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0, **flags,
+        n, k, DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0, BC_TABLE=corrections.dim() == 2, **flags,
     )  # fmt: skip
 
 
@@ -259,3 +307,27 @@ def bias_corrections(hp: AdamParams, step, device: torch.device) -> torch.Tensor
         n = step.reshape(()).to(torch.float64)
         return torch.stack([1.0 - hp.beta1**n, torch.sqrt(1.0 - hp.beta2**n)])
     return torch.tensor([1.0 - hp.beta1**step, (1.0 - hp.beta2**step) ** 0.5], dtype=torch.float64, device=device)
+
+
+def track(tracker, t, loss: torch.Tensor) -> None:
+    """engine/tracker.Tracker.record(t, loss) as one kernel launch (t: an int, or the one-element int64 device
+    counter), bitwise as its torch ops."""
+    k, steps = tracker.losses.shape
+    if loss.shape != (k,) or loss.device != tracker.losses.device or not loss.is_floating_point():
+        raise ValueError(f"loss must be a float [K] = [{k}] tensor on {tracker.losses.device}, got {loss.dtype} "
+                         f"{tuple(loss.shape)} on {loss.device}")  # fmt: skip
+    on_device = isinstance(t, torch.Tensor)
+    hp = _hp_tensor((tracker.beta, 1.0 - tracker.beta, tracker.threshold or 0.0), loss.device)
+    _track_kernel[(1,)](
+        loss.contiguous(), t if on_device else loss, 0 if on_device else t, tracker.avg, tracker.best, tracker.alive,
+        tracker.steps_run, tracker.best_step, tracker.losses, tracker.smoothed, tracker.debias, hp, k, steps,
+        T_ON_DEVICE=on_device, HAS_THRESHOLD=tracker.threshold is not None, BLOCK=max(16, triton.next_power_of_2(k)),
+        enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def bias_table(hp: AdamParams, steps: int, device: torch.device) -> torch.Tensor:
+    """bias_corrections for steps 1..S as one fp64 table [S, 2], computed on the host as for an int step (so a
+    replayed graph and an eager run on the host counter get the same corrections bitwise)."""
+    rows = [[1.0 - hp.beta1**n, (1.0 - hp.beta2**n) ** 0.5] for n in range(1, steps + 1)]
+    return torch.tensor(rows, dtype=torch.float64).reshape(steps, 2).to(device)
