@@ -49,6 +49,7 @@ def find(
     timeout: float = 300.0,
     compile: bool | None = None,
     graphs: bool | None = None,
+    like: str | None = None,
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -60,6 +61,14 @@ def find(
     the model output's `.loss`, or cross-entropy for integer targets, MSE for float targets. `suggestion` picks the
     method of `result.suggestion` (see lrfast.suggest). `seed` seeds every RNG during the run (shuffling,
     dropout) so the same call gives the same curve.
+
+    `like` ("lightning" | "fastai" | "torch_lr_finder") reproduces that peer's range test instead of lrfast's own:
+    its LR schedule, loss smoothing, curve length (the peers do not stop on a NaN loss), suggestion rule and its
+    arithmetic, and its defaults for the options left at lrfast's defaults (min_lr, max_lr, early_stop_threshold,
+    smooth, suggestion; torch-lr-finder starts at the optimizer's lr); every param group then trains at the same
+    LR, as the peers set them. On the same model, weights, batches and optimizer the curve and suggestion are the
+    peer's to float rounding (fastai returns float32 LRs, and so does like="fastai"). result.info["notes"] lists
+    the defaults taken; lrfast.peers has the table of what differs.
 
     `candidates` K > 1 trains K copies side by side on the same cached batches, in one batched pass (vmap over
     stacked weights; a per-candidate loop where vmap can't serve the model: result.info["forward"] says which):
@@ -180,7 +189,8 @@ def _result(plan: Plan, data: Data, done: ChunkResult, sync, timings: dict) -> L
         info["memory"], info["chunk"] = plan.memory, plan.chunk
     result = LRFindResult(plan.table, done.losses, done.smoothed, done.steps_run, method=o.suggestion,
                           timings=timings, info=info, strategy=o.strategy, tolerance=float(o.tolerance),
-                          val_losses=done.val if o.val_loader is not None else None, on=o.on)  # fmt: skip
+                          val_losses=done.val if o.val_loader is not None else None, on=o.on, runs=done.runs,
+                          like=o.like)  # fmt: skip
     why = result.why_no_suggestion()
     if why:
         info["notes"].append(why)

@@ -41,6 +41,13 @@ class OptimizerPlan:
     instance: torch.optim.Optimizer | None = None  # generic path: the private torch.optim instance it steps
     scales: list[float] = field(default_factory=list)  # per param group of `generic`
     notes: list[str] = field(default_factory=list)
+    lr: float = 1e-3  # the optimizer's own LR (its largest group's; torch's default for a name)
+
+    def equal_lrs(self) -> None:
+        """Every param group at the sweep's LR (the peers' way: like=), instead of keeping their ratios."""
+        for g in self.groups:
+            g.lr_scale = 1.0
+        self.scales = [1.0] * len(self.scales)
 
 
 def resolve(optimizer, model: nn.Module) -> OptimizerPlan:
@@ -100,7 +107,7 @@ def _plan(opt: torch.optim.Optimizer, model: nn.Module, owned: bool) -> Optimize
             "optimizer: none of its parameters is trainable (requires_grad=False everywhere); unfreeze the layers "
             "to train before the range test"
         )
-    plan = OptimizerPlan(kind, groups, type(opt).__name__, scales=scales)
+    plan = OptimizerPlan(kind, groups, type(opt).__name__, scales=scales, lr=top)
     if kind == "generic":
         plan.notes.append(f"{type(opt).__name__}: generic torch.optim path ({why}); correct, slower than fused")
         plan.instance = opt if owned else _fresh_copy(opt, plan.notes)

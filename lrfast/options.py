@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lrfast import schedule, strategies
+from lrfast import peers, schedule, strategies
 from lrfast import suggest as _suggest
 from lrfast.engine import amp
 
@@ -53,6 +53,8 @@ class FindOptions:
                                               "(command line: 0 = never)", parse=_threshold)
     suggestion: str = _opt("valley", "stop", "suggestion method", choices=tuple(_suggest.METHODS))
     seed: int = _opt(0, "sweep", "seed of every RNG during the run", parse=int)
+    like: str | None = _opt(None, "sweep", "reproduce a peer's range test: its schedule, smoothing, stop rule, "
+                            "defaults and suggestion (lrfast.peers)", choices=tuple(peers.PEERS))  # fmt: skip
     progress: bool = _opt(True, "sweep", "the progress bar", cli="--no-progress")
     strategy: str = _opt("sweep", "candidates", "sweep: one range test; seeds: K replicas -> median and interval; "
                          "grid: K fixed LRs", choices=strategies.STRATEGIES)
@@ -80,13 +82,30 @@ class FindOptions:
                                    "than one rank", choices=("auto", "ddp", "candidates", "off"))
     timeout: float = _opt(300.0, "distributed", "seconds a rank waits for the others before raising", parse=float)
     k: int = field(init=False, default=1, metadata={"cli": None, "group": "candidates", "help": "K, derived"})
+    peer_defaults: dict = field(init=False, default_factory=dict, metadata={"cli": None, "group": "sweep",
+                                "help": "like=: the peer's defaults taken, derived"})  # fmt: skip
 
     def __post_init__(self):
         if self.distributed == "auto":  # the command line's name for None
             object.__setattr__(self, "distributed", None)
+        self._take_peer_defaults()
         self._check_sweep()
         self._check_rest()
         object.__setattr__(self, "k", strategies.check(self.strategy, self.candidates, self.lrs, self.tolerance))
+
+    def _take_peer_defaults(self) -> None:
+        """like=: the options left at lrfast's defaults take the peer's (min_lr None: torch-lr-finder's start at the
+        optimizer's lr, resolved by the plan); `peer_defaults` says which, for the run's notes."""
+        if self.like is None:
+            return
+        peers.check(self.like, self.mode)
+        own = {f.name: f.default for f in fields(self)}
+        taken = {}
+        for name, value in peers.PEERS[self.like].defaults.items():
+            if getattr(self, name) == own[name] and value != own[name]:
+                taken[name] = value
+                object.__setattr__(self, name, None if value is peers.OPTIMIZER_LR else value)
+        object.__setattr__(self, "peer_defaults", taken)
 
     def _check_sweep(self) -> None:
         if self.loss_fn is not None and not callable(self.loss_fn):
@@ -94,11 +113,13 @@ class FindOptions:
                             "-> loss")  # fmt: skip
         for name in ("min_lr", "max_lr"):
             value = getattr(self, name)
+            if value is None and name == "min_lr" and self.peer_defaults.get("min_lr") is peers.OPTIMIZER_LR:
+                continue  # like="torch_lr_finder": the optimizer's lr
             if not _is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be a finite positive number, e.g. {name}=1e-7")
-        if self.min_lr <= 0:
+        if self.min_lr is not None and self.min_lr <= 0:
             raise ValueError(f"min_lr={self.min_lr!r} must be > 0 (the sweep is exponential); e.g. min_lr=1e-7")
-        if self.min_lr >= self.max_lr:
+        if self.min_lr is not None and self.min_lr >= self.max_lr:
             raise ValueError(f"min_lr={self.min_lr!r} must be smaller than max_lr={self.max_lr!r}; swap them or "
                              "widen the range")  # fmt: skip
         _positive_int("steps", self.steps, 2, "(a curve needs points); e.g. steps=100")
@@ -121,6 +142,9 @@ class FindOptions:
             raise TypeError(f"progress={self.progress!r} must be True or False")
 
     def _check_rest(self) -> None:
+        if self.like is not None and self.strategy == "grid":
+            raise ValueError(f"like={self.like!r} reproduces a peer's range test, which grid (K fixed LRs) is not; "
+                             "use strategy='sweep' or 'seeds' with like=, or grid without it")  # fmt: skip
         for name in ("val_batches", "val_every"):
             _positive_int(name, getattr(self, name), 1, f"; e.g. {name}=4")
         if self.on not in ("train", "val"):

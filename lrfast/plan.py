@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lrfast import distributed as _distributed
-from lrfast import optimizers, schedule, strategies
+from lrfast import optimizers, peers, schedule, strategies
 from lrfast.engine import memory
 from lrfast.engine.arena import backend_for
 from lrfast.engine.loop import NotStatic, StaticInputs
@@ -76,15 +76,19 @@ class Plan:
         else:
             backend, why_triton = backend_for(optimizer.kind, device)
             why_not_graphs = _why_not_graphs(device, backend, why_triton)
-        lo, hi = float(opts.min_lr), float(opts.max_lr)
+        notes = list(optimizer.notes)
+        lo, hi = _start(opts, optimizer, notes), float(opts.max_lr)
         if opts.strategy == "grid":
             table = schedule.grid(lo, hi, opts.k, opts.steps, opts.lrs)
+        elif opts.like is not None:
+            table = np.ascontiguousarray(np.broadcast_to(peers.sweep(opts.like, lo, hi, opts.steps, opts.mode),
+                                                         (opts.k, opts.steps)))  # fmt: skip
         else:
             table = schedule.table(lo, hi, opts.steps, opts.mode, k=opts.k)
         return cls(model, opts, device, dist_mode, first, end, optimizer, backend, table,
                    strategies.orders(opts.strategy, opts.k, opts.steps, opts.seed),
                    cuda if opts.compile is None else opts.compile, cuda if opts.graphs is None else opts.graphs,
-                   why_not_graphs, 10 if cuda else 1, notes=list(optimizer.notes))  # fmt: skip
+                   why_not_graphs, 10 if cuda else 1, notes=notes)  # fmt: skip
 
     def fit(self, first_batch) -> None:
         """The chunk size: how many of this rank's candidates one pass may hold (a probe step measures one; K = 1
@@ -118,6 +122,29 @@ class Plan:
         if index is None:
             return "seeds with accumulate > 1 give every candidate its own micro-batches"
         return why_loop
+
+
+def _start(opts: FindOptions, optimizer: optimizers.OptimizerPlan, notes: list[str]) -> float:
+    """The sweep's first LR. like=: the peer sets every param group to the same LR (their ratios are dropped, and
+    the notes say so), and the notes list the peer defaults taken; torch-lr-finder starts at the optimizer's lr."""
+    if opts.like is None:
+        return float(opts.min_lr)
+    peer, taken = peers.PEERS[opts.like], dict(opts.peer_defaults)
+    lo = opts.min_lr
+    if lo is None:
+        lo = taken["min_lr"] = optimizer.lr
+        if not lo < opts.max_lr:
+            raise ValueError(f"like={opts.like!r} starts at the optimizer's lr ({lo!r}), which is not below "
+                             f"max_lr={opts.max_lr!r}; pass min_lr=... or a larger max_lr")  # fmt: skip
+    if any(g.lr_scale != 1.0 for g in optimizer.groups):
+        optimizer.equal_lrs()
+        notes.append(f"like={opts.like!r}: every param group trains at the same LR, as {peer.title} sets them "
+                     "(lrfast's own test keeps the groups' LR ratios)")  # fmt: skip
+    values = ", ".join(f"{k}={v!r}" for k, v in taken.items())
+    notes.append(f"like={opts.like!r}: {peer.title}'s range test (schedule, smoothing, stop rule, suggestion"
+                 + (", with float32 LRs" if opts.like == "fastai" else "") + ")"
+                 + (f"; its defaults {values} (options left at lrfast's defaults take the peer's)" if taken else ""))
+    return float(lo)
 
 
 def _why_not_graphs(device: torch.device, backend: str, why_triton: str | None) -> str:

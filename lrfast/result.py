@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lrfast import strategies
+from lrfast import peers, strategies
 from lrfast import suggest as _suggest
 
 SCHEMA = "lrfast.LRFindResult"
@@ -31,6 +31,8 @@ class LRFindResult:
     tolerance: float = 0.05  # grid: suggestion = the largest LR whose score <= best + tolerance * |best|
     val_losses: np.ndarray | None = None  # [K, S] validation loss after step t's update, NaN where not evaluated
     on: str = "train"  # the curve suggestions use: "train" (smoothed training loss) or "val" (validation loss)
+    runs: np.ndarray | None = None  # [K] steps candidate k ran (recorded the step it stopped at); None: steps_run each
+    like: str | None = None  # the peer whose range test this reproduces (lrfast.peers): its curve lengths, rounding
 
     def __post_init__(self):
         self.lrs, self.losses, self.smoothed = (np.asarray(a, dtype=np.float64) for a in
@@ -51,6 +53,11 @@ class LRFindResult:
             raise ValueError(f"on={self.on!r}: use 'train', or 'val' with a val_loader (validation losses)")
         if self.method not in _suggest.METHODS:
             raise ValueError(f"suggestion={self.method!r} is not a method; use one of: {', '.join(_suggest.METHODS)}")
+        steps = self.lrs.shape[1]
+        self.runs = np.full(self.k, min(int(self.steps_run), steps), dtype=np.int64) if self.runs is None else \
+            np.asarray(self.runs, dtype=np.int64).reshape(self.k)  # fmt: skip
+        if self.like is not None and self.like not in peers.PEERS:
+            raise ValueError(f"like={self.like!r} is not a peer; use one of: {', '.join(peers.PEERS)}")
 
     @property
     def k(self) -> int:
@@ -122,6 +129,18 @@ class LRFindResult:
         evaluated = ~np.all(np.isnan(self.val_losses), axis=0)
         return self.lrs[:, evaluated], self.val_losses[:, evaluated]
 
+    def recorded(self, k: int = 0) -> int:
+        """How many points of curve(k) candidate k recorded: the steps it ran (the one it stopped at included),
+        or with like= the points the peer's own list would hold: the peers do not stop on a NaN loss, so a candidate
+        lrfast stopped at a NaN has S points, NaN after it. on="val": the validation scores before it stopped."""
+        runs, steps = int(self.runs[k]), self.lrs.shape[1]
+        if self.on == "val":
+            evaluated = np.flatnonzero(~np.all(np.isnan(self.val_losses), axis=0))
+            return int(np.sum(evaluated < (runs if runs == steps else runs - 1)))  # scored after a live step's update
+        if self.like is not None and 0 < runs < steps and np.isnan(self.smoothed[k, runs - 1]):
+            return steps
+        return runs
+
     def curve(self, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(lrs, losses) of candidate k that suggestions use: the smoothed training curve, or (on="val") the
         validation losses at the steps where they were scored."""
@@ -143,10 +162,14 @@ class LRFindResult:
     def suggest(self, method: str | None = None, k: int = 0) -> float | None:
         """Candidate k's suggestion by `method` (steepest, steepest_log, torch_lr_finder, valley, slide, minimum,
         steep) on the smoothed curve of the steps it ran (on="val": on the validation losses)."""
-        return _suggest.suggest(method or self.method, *self.curve(k))
+        return _suggest.suggest(method or self.method, *self.curve(k), **self._rule_options(k))
 
     def suggestions(self, k: int = 0) -> dict[str, float | None]:
-        return _suggest.all_methods(*self.curve(k))
+        return _suggest.all_methods(*self.curve(k), **self._rule_options(k))
+
+    def _rule_options(self, k: int) -> dict:
+        """The cut at candidate k's recorded points, and the peer's float32 arithmetic under like=."""
+        return {"steps_run": self.recorded(k), "float32": self.like is not None and peers.PEERS[self.like].float32}
 
     def plot(self, path: str | os.PathLike | None = None, ax=None, **kwargs):
         """Log-x loss curve with the suggestion marked; returns the matplotlib Axes. Writes `path` if given."""
@@ -169,6 +192,8 @@ class LRFindResult:
             "smoothed": _nan_to_none(self.smoothed),
             "val_losses": None if self.val_losses is None else _nan_to_none(self.val_losses),
             "on": self.on,
+            "runs": self.runs.tolist(),
+            "like": self.like,
             "timings": self.timings,
             "info": self.info,
         }
@@ -213,7 +238,8 @@ class LRFindResult:
         arrays = [np.array(_none_to_nan(d[key]), dtype=np.float64) for key in ("lrs", "losses", "smoothed")]
         return cls(*arrays, steps_run=int(d["steps_run"]), method=d.get("method", "valley"),
                    timings=d.get("timings", {}), info=d.get("info", {}), strategy=d.get("strategy", "sweep"),
-                   tolerance=float(d.get("tolerance", 0.05)), on=d.get("on", "train"),
+                   tolerance=float(d.get("tolerance", 0.05)), on=d.get("on", "train"), runs=d.get("runs"),
+                   like=d.get("like"),
                    val_losses=None if d.get("val_losses") is None else np.array(_none_to_nan(d["val_losses"]),
                                                                                   dtype=np.float64))  # fmt: skip
 

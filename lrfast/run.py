@@ -64,6 +64,7 @@ class ChunkResult:
     graphs: bool
     timings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    runs: np.ndarray | None = None  # [c] steps each candidate ran (the step it stopped at included)
 
     def merge(self, other: ChunkResult) -> ChunkResult:
         """This chunk and the next one (its rows follow these): one result over both."""
@@ -76,7 +77,7 @@ class ChunkResult:
             (self.losses, other.losses), (self.smoothed, other.smoothed), (self.val, other.val))),
             max(self.steps_run, other.steps_run), self.forward + other.forward, self.path, self.loss,
             self.compiled and other.compiled, self.graphs and other.graphs, timings,
-            list(dict.fromkeys(self.notes + other.notes)))  # fmt: skip
+            list(dict.fromkeys(self.notes + other.notes)), np.concatenate([self.runs, other.runs]))  # fmt: skip
 
 
 def run_chunks(plan: Plan, snap: Snapshot, data: Data, bar, sync=None) -> ChunkResult:
@@ -149,7 +150,7 @@ class Chunk:
         self.arena = arena
         self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
         inputs, index = self._inputs(c)
-        tracker = Tracker(c, steps, o.smooth, o.early_stop_threshold, plan.device)
+        tracker = Tracker(c, steps, o.smooth, o.early_stop_threshold, plan.device, like=o.like)
         lr_table = torch.tensor(plan.table[lo:hi].T, dtype=torch.float64, device=plan.device).contiguous()  # [S, K]
         engine = plan.engine(index, self.why_loop, self.data.splits)
         self.step = Step(None, arena, update.make(plan.optimizer, arena), tracker, lr_table, self.scaler, self.sync,
@@ -205,4 +206,4 @@ class Chunk:
         return ChunkResult(self.rows, tracker.losses.cpu().numpy(), tracker.smoothed.cpu().numpy(),
                            tracker.val.cpu().numpy(), ran.steps_run, [", ".join(parts)], self.step.update.path,
                            inner.loss_desc, ran.compiled, ran.graphs, ran.timings,
-                           notes)  # fmt: skip
+                           notes, tracker.steps_run.cpu().numpy())  # fmt: skip

@@ -19,7 +19,8 @@ PEER_ERRORS = (IndexError, ValueError, RuntimeError)
 
 # ----------------------------------------------------------------------------------------------------------- oracles
 def steps_run(lrs, losses):
-    """What the peers' recorders hold: the curve without the trailing steps that were not run (NaN loss)."""
+    """What the peers' recorders hold: here the curves' trailing NaN losses are steps not run (lrfast's methods are
+    told so with steps_run=ran(...))."""
     lrs, losses = list(map(float, lrs)), list(map(float, losses))
     while losses and math.isnan(losses[-1]):
         lrs.pop()
@@ -126,6 +127,11 @@ def fastai_lr_find(func, recorder_lrs, recorder_losses, num_it, **kwargs):
         return None
 
 
+def ran(losses) -> int:
+    """How many steps of a curve padded with NaN were run (the fixtures' convention)."""
+    return len(steps_run(losses, losses)[1])
+
+
 def oracle(name, lrs, losses, **kwargs):
     """The peer's answer on an lrfast curve of planned length len(lrs) (trailing NaN losses = steps not run)."""
     run_lrs, run_losses = steps_run(lrs, losses)
@@ -179,7 +185,7 @@ def make_curve(seed, n, kind):
 def test_method_matches_peer_transcription_on_random_curves(name, n, kind):
     for seed in range(4):
         lrs, losses = make_curve(seed, n, kind)
-        got = sg.METHODS[name](lrs, losses)
+        got = sg.METHODS[name](lrs, losses, steps_run=ran(losses))
         want = oracle(name, lrs, losses)
         assert got == want, (name, n, kind, seed)
         assert got is None or type(got) is float
@@ -191,7 +197,7 @@ def test_method_matches_peer_transcription_on_random_curves(name, n, kind):
 def test_slide_matches_fastai_with_non_default_options(kwargs):
     for seed, n in enumerate(LENGTHS * 2):
         lrs, losses = make_curve(seed, n, KINDS[seed % len(KINDS)])
-        assert sg.slide(lrs, losses, **kwargs) == oracle("slide", lrs, losses, **kwargs)
+        assert sg.slide(lrs, losses, steps_run=ran(losses), **kwargs) == oracle("slide", lrs, losses, **kwargs)
 
 
 def test_fastai_methods_slice_with_the_planned_num_it_not_the_steps_run():
@@ -199,9 +205,10 @@ def test_fastai_methods_slice_with_the_planned_num_it_not_the_steps_run():
     lrs = [float(i + 1) for i in range(n)]
     losses = [5.0 + i for i in range(20)] + [math.nan] * 10  # 20 of the 30 planned steps were run
     losses[2] = 0.5  # the minimum sits at index 2: inside [20//10:], outside fastai's [30//10:]
-    assert sg.minimum(lrs, losses) == fastai_lr_find(fa_minimum, lrs[:20], losses[:20], num_it=30) == 0.4
-    assert sg.minimum(lrs, losses, num_it=20) == fastai_lr_find(fa_minimum, lrs[:20], losses[:20], num_it=20) == 0.3
-    assert sg.valley(lrs, losses) == oracle("valley", lrs, losses)
+    assert sg.minimum(lrs, losses, steps_run=20) == fastai_lr_find(fa_minimum, lrs[:20], losses[:20], num_it=30) == 0.4
+    assert sg.minimum(lrs, losses, num_it=20, steps_run=20) == fastai_lr_find(fa_minimum, lrs[:20], losses[:20],
+                                                                              num_it=20) == 0.3  # fmt: skip
+    assert sg.valley(lrs, losses, steps_run=20) == oracle("valley", lrs, losses)
 
 
 def test_steepest_gradient_is_identical_to_torch_gradient_with_coordinates():
@@ -298,7 +305,8 @@ def test_every_method_returns_none_on_too_short_curves(name, n):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_returns_none_on_an_all_nan_curve(name):
-    assert sg.METHODS[name](np.geomspace(1e-5, 1, 40), np.full(40, np.nan)) is None
+    """A run stopped at its first step on a NaN (lrfast's own test): one point recorded, no answer."""
+    assert sg.METHODS[name](np.geomspace(1e-5, 1, 40), np.full(40, np.nan), steps_run=1) is None
 
 
 def test_steepest_returns_none_when_fewer_than_two_points_remain():
@@ -311,13 +319,15 @@ def test_steepest_returns_none_when_fewer_than_two_points_remain():
     assert sg.steepest_log(np.geomspace(1e-5, 1, 20), losses) is None
 
 
-def test_trailing_nans_count_as_steps_not_run():
+def test_steps_run_cuts_the_padding_of_steps_not_run():
     lrs, losses = np.geomspace(1e-5, 1, 13), np.r_[np.linspace(3, 1, 13)]
     padded_lrs, padded_losses = np.r_[lrs, np.geomspace(2, 9, 7)], np.r_[losses, np.full(7, np.nan)]
     # window [10:-1] of the 13 steps run = indices 10, 11 (equal slopes, first wins); the NaN pad is not a step
-    assert sg.steepest(padded_lrs, padded_losses) == sg.steepest(lrs, losses) == lrs[10]
-    assert sg.steepest(padded_lrs, padded_losses) == oracle("steepest", padded_lrs, padded_losses)
-    assert sg.torch_lr_finder(padded_lrs, padded_losses) is None  # 13 steps run < 17
+    assert sg.steepest(padded_lrs, padded_losses, steps_run=13) == sg.steepest(lrs, losses) == lrs[10]
+    assert sg.steepest(padded_lrs, padded_losses, steps_run=13) == oracle("steepest", padded_lrs, padded_losses)
+    assert sg.torch_lr_finder(padded_lrs, padded_losses, steps_run=13) is None  # 13 steps run < 17
+    with pytest.raises(ValueError, match="steps_run"):
+        sg.steepest(lrs, losses, steps_run=14)
 
 
 def test_slide_returns_none_when_the_window_does_not_fit():

@@ -266,8 +266,8 @@ def test_bias_correction_table_gives_the_int_steps_bitwise():
         T.adam_step(q, g, mq, vq, lr, 4, hp, corrections=table)
 
 
-@pytest.mark.parametrize("threshold", [4.0, None])
-def test_the_fused_tracker_records_bitwise_as_its_torch_ops(threshold):
+@pytest.mark.parametrize("threshold, like", [(4.0, None), (None, None), (4.0, "torch_lr_finder"), (4.0, "lightning")])
+def test_the_fused_tracker_records_bitwise_as_its_torch_ops(threshold, like):
     """Tracker.record as one Triton kernel (issue 16: bookkeeping) equals the torch ops on the same losses, for an
     int step and the device counter: NaN, inf, a divergence by threshold, a candidate never stopping, K not a power
     of two."""
@@ -280,8 +280,8 @@ def test_the_fused_tracker_records_bitwise_as_its_torch_ops(threshold):
     losses[2, 1], losses[4, 2], losses[3, 3] = math.nan, math.inf, 40.0
     losses = losses.to(torch.float32).to(dev)  # a float32 loss, as the forward gives: read as fp64
     for device_step in (False, True):
-        want = Tracker(k, steps, 0.8, threshold, dev, fused=False)
-        got = Tracker(k, steps, 0.8, threshold, dev, fused=True)
+        want = Tracker(k, steps, 0.8, threshold, dev, fused=False, like=like)
+        got = Tracker(k, steps, 0.8, threshold, dev, fused=True, like=like)
         assert got.kernels is T
         counter = torch.zeros(1, dtype=torch.int64, device=dev)
         for t in range(steps):

@@ -9,14 +9,17 @@ import math
 
 import torch
 
+from lrfast import peers
+
 
 class Tracker:
-    """Debiased EMA of the loss (fastai / Lightning): avg = b*avg + (1-b)*loss, smoothed = avg / (1 - b^n).
+    """Debiased EMA of the loss (fastai / Lightning): avg = b*avg + (1-b)*loss, smoothed = avg / (1 - b^n); with
+    `like`, the peer's own smoothing (lrfast.peers.smoothing: per step avg = a*avg + c*loss, smoothed = avg / d).
     A candidate stops at the step where its smoothed loss exceeds threshold x its best smoothed loss, or is not
     finite; that step is recorded, later ones are NaN."""
 
     def __init__(self, k: int, steps: int, smooth: float, threshold: float | None, device: torch.device,
-                 fused: bool | None = None):  # fmt: skip
+                 fused: bool | None = None, like: str | None = None):  # fmt: skip
         """`fused`: record with the Triton kernel (default: on CUDA when Triton is available)."""
         f64 = dict(dtype=torch.float64, device=device)
         self.losses = torch.full((k, steps), math.nan, **f64)
@@ -27,10 +30,11 @@ class Tracker:
         self.steps_run = torch.full((k,), steps, dtype=torch.int64, device=device)
         self.best_step = torch.zeros(k, dtype=torch.int64, device=device)
         self.val = torch.full((k, steps), math.nan, **f64)
-        self.beta, self.threshold = smooth, threshold
-        # the EMA's debias 1 - b^(t+1) for every step, computed on the host: an int step and a device step divide by
-        # the same number
-        self.debias = torch.tensor([1.0 - smooth ** (t + 1) for t in range(steps)], dtype=torch.float64).to(device)
+        self.threshold = threshold
+        # the EMA's factors and debias of every step, computed on the host: an int step reads them as Python floats,
+        # a device step from the tables [S, 3] (a, c, d), and both compute with the same numbers
+        self.host = list(zip(*peers.smoothing(like, smooth, steps)))
+        self.table = torch.tensor(self.host, dtype=torch.float64).reshape(steps, 3).to(device)
         self._nan = torch.tensor(math.nan, **f64)
         self.kernels = _kernels(device) if fused is None else _kernels(device, required=True) if fused else None
 
@@ -44,11 +48,14 @@ class Tracker:
         if self.kernels is not None:
             self.kernels.track(self, t, loss)
             return
-        b, alive = self.beta, self.alive
+        alive = self.alive
         loss = loss.to(torch.float64)
-        self.avg.copy_(torch.where(alive, self.avg * b + (1.0 - b) * loss, self.avg))
-        smoothed = self.avg / (self.debias.index_select(0, t.reshape(1)) if isinstance(t, torch.Tensor) else
-                               self.debias[t])  # fmt: skip
+        if isinstance(t, torch.Tensor):
+            a, c, d = self.table.index_select(0, t.reshape(1)).unbind(1)
+        else:
+            a, c, d = self.host[t]
+        self.avg.copy_(torch.where(alive, self.avg * a + c * loss, self.avg))
+        smoothed = self.avg / d
         _put(self.losses, t, torch.where(alive, loss, self._nan))
         _put(self.smoothed, t, torch.where(alive, smoothed, self._nan))
         self.best_step.copy_(torch.where(alive & (smoothed < self.best), t, self.best_step))

@@ -153,7 +153,7 @@ if triton is not None:
 
     @triton.jit
     def _track_kernel(loss_ptr, t_ptr, t_val, avg_ptr, best_ptr, alive_ptr, steps_run_ptr, best_step_ptr,
-                      losses_ptr, smoothed_ptr, debias_ptr, hp_ptr, K, S, T_ON_DEVICE: tl.constexpr,
+                      losses_ptr, smoothed_ptr, table_ptr, hp_ptr, K, S, T_ON_DEVICE: tl.constexpr,
                       HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         """engine/tracker.Tracker.record for all K candidates in one program, op for op in fp64 (launched without
         FMA contraction, so each multiply and add rounds as torch's separate kernels do)."""
@@ -163,14 +163,14 @@ if triton is not None:
             t = tl.load(t_ptr).to(tl.int64)
         else:
             t = tl.full((), t_val, tl.int64)
-        # hp (fp64): beta, 1 - beta, threshold
-        beta, one_minus_beta, threshold = tl.load(hp_ptr), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2)
+        # table (fp64) [S, 3]: step t's avg = a*avg + c*loss, smoothed = avg / d
+        a, c, d = tl.load(table_ptr + 3 * t), tl.load(table_ptr + 3 * t + 1), tl.load(table_ptr + 3 * t + 2)
         loss = tl.load(loss_ptr + k, mask=live, other=0.0).to(tl.float64)
         alive = tl.load(alive_ptr + k, mask=live, other=0) != 0
         avg = tl.load(avg_ptr + k, mask=live, other=0.0)
-        avg = tl.where(alive, avg * beta + one_minus_beta * loss, avg)
+        avg = tl.where(alive, avg * a + c * loss, avg)
         tl.store(avg_ptr + k, avg, mask=live)
-        smoothed = avg / tl.load(debias_ptr + t)
+        smoothed = avg / d
         at = k.to(tl.int64) * S + t
         tl.store(losses_ptr + at, tl.where(alive, loss, float("nan")), mask=live)
         tl.store(smoothed_ptr + at, tl.where(alive, smoothed, float("nan")), mask=live)
@@ -182,7 +182,7 @@ if triton is not None:
         tl.store(best_ptr + k, best, mask=live)
         bad = (smoothed != smoothed) | (tl.abs(smoothed) == float("inf"))
         if HAS_THRESHOLD:
-            bad = bad | (smoothed > threshold * best)
+            bad = bad | (smoothed > tl.load(hp_ptr) * best)  # hp (fp64): the threshold
         diverged = alive & bad
         steps_run = tl.load(steps_run_ptr + k, mask=live, other=0)
         tl.store(steps_run_ptr + k, tl.where(diverged, t + 1, steps_run), mask=live)
@@ -317,10 +317,10 @@ def track(tracker, t, loss: torch.Tensor) -> None:
         raise ValueError(f"loss must be a float [K] = [{k}] tensor on {tracker.losses.device}, got {loss.dtype} "
                          f"{tuple(loss.shape)} on {loss.device}")  # fmt: skip
     on_device = isinstance(t, torch.Tensor)
-    hp = _hp_tensor((tracker.beta, 1.0 - tracker.beta, tracker.threshold or 0.0), loss.device)
     _track_kernel[(1,)](
         loss.contiguous(), t if on_device else loss, 0 if on_device else t, tracker.avg, tracker.best, tracker.alive,
-        tracker.steps_run, tracker.best_step, tracker.losses, tracker.smoothed, tracker.debias, hp, k, steps,
+        tracker.steps_run, tracker.best_step, tracker.losses, tracker.smoothed, tracker.table,
+        _hp_tensor((float(tracker.threshold or 0.0),), loss.device), k, steps,
         T_ON_DEVICE=on_device, HAS_THRESHOLD=tracker.threshold is not None, BLOCK=max(16, triton.next_power_of_2(k)),
         enable_fp_fusion=False,
     )  # fmt: skip
