@@ -67,17 +67,36 @@ def _kernels(path: Path) -> list[str]:
             ""]  # fmt: skip
 
 
+def _quality(path: Path) -> list[str]:
+    from benchmarks.quality import summary_table  # only here: it imports lrfast, the other tables need nothing of it
+
+    rows = read_csv(path)
+    r0 = rows[0]
+    truth = {}
+    for r in rows:
+        truth.setdefault(r["workload"], f"{r['workload']} {r['optimizer']}, {r['truth_steps']} steps, "
+                                        f"{r['truth_lrs']} LRs {r['grid_min_lr']} -> {r['grid_max_lr']}")  # fmt: skip
+    md = path.with_suffix(".md")
+    return [f"Suggestion quality, each finder's suggested LR against real training: {r0['device']}, torch "
+            f"{r0['torch']}, commit {r0['commit']}, {r0['date']} ({_link(path)}, definitions and per-seed "
+            f"suggestions in {_link(md)}). Ground truth: validation loss after N steps at a constant LR, mean of "
+            f"{r0['truth_seeds']} seeds ({'; '.join(truth.values())}); regret = (outcome at the suggestion - best) / "
+            f"|best|, mean over {r0['seeds']} seeds; spread = max - min of log10(suggestion) over them, in decades:",
+            "", *summary_table(rows), ""]  # fmt: skip
+
+
 def device_section(device_dir: Path) -> list[str]:
     """One results folder's tables, under a heading named after the folder (cpu, cuda)."""
     out = [f"#### {device_dir.name.upper()}", ""]
-    for name, render in (("compare", _compare), ("candidates", _candidates), ("kernels", _kernels)):
+    for name, render in (("compare", _compare), ("quality", _quality), ("candidates", _candidates),
+                         ("kernels", _kernels)):  # fmt: skip
         if (device_dir / f"{name}.csv").exists():
             out += render(device_dir / f"{name}.csv")
     return out
 
 
 def _has_rows(device_dir: Path) -> bool:
-    return any((device_dir / f"{name}.csv").exists() for name in ("compare", "candidates", "kernels"))
+    return any((device_dir / f"{name}.csv").exists() for name in ("compare", "quality", "candidates", "kernels"))
 
 
 def section(results: Path = ROOT / "benchmarks" / "results") -> str:

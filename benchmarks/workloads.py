@@ -156,6 +156,14 @@ def resnet18(classes: int = 10, width: int = 64) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+def bn_cnn(classes: int = 10, width: int = 8) -> nn.Sequential:
+    """A small BatchNorm CNN for 32x32x3 images (benchmarks/quality.py, SGD with momentum): a stride-2 3x3 conv stem
+    (BN, ReLU), two BasicBlocks (widths 2w and 4w, stride 2), average pool, linear; 18.8k params at width 8."""
+    stem = [nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    blocks = [BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2)]
+    return nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention (scaled_dot_product_attention), then a 4x GELU MLP."""
 

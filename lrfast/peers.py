@@ -3,12 +3,13 @@ the same model, weights, batches and optimizer a user gets the peer's own curve 
 
 What differs between the peers, and from lrfast's own test (k = step index from 0, N = steps, b = smoothing):
 
-| | schedule | smoothed loss | stop when | defaults | suggestion |
-|---|---|---|---|---|---|
-| lrfast | min*(max/min)^(k/(N-1)) | debiased EMA: avg/(1-b^(k+1)) | > 4 x best, or not finite | 1e-7 -> 10, b 0.98 | valley |
-| lightning | min, then min*(max/min)^((k+1)/N) | avg/(1-b^(k+2)) | > 4 x best, from k = 1 | 1e-8 -> 1, b 0.98 | steepest (float32) |
-| fastai | min*(max/min)^(k/N) | avg/(1-b^(k+1)) (fp32) | > 4 x best | 1e-7 -> 10, b 0.98 | valley (float32 LR) |
-| torch_lr_finder | as lrfast | s0 = loss, s = f*loss + (1-f)*s | > 5 x best | optimizer's lr -> 10, f 0.05 | torch_lr_finder |
+- lrfast: LRs min*(max/min)^(k/(N-1)); smoothed avg/(1-b^(k+1)); stops at > 4 x best or not finite; 1e-7 -> 10,
+  b 0.98; valley.
+- lightning: min, then min*(max/min)^((k+1)/N); avg/(1-b^(k+2)); > 4 x best, from k = 1; 1e-8 -> 1, b 0.98;
+  steepest on float32 copies.
+- fastai: min*(max/min)^(k/N); avg/(1-b^(k+1)) in float32; > 4 x best; 1e-7 -> 10, b 0.98; valley, a float32 LR.
+- torch_lr_finder: as lrfast; s0 = loss, s = f*loss + (1-f)*s; > 5 x best; the optimizer's lr -> 10, f 0.05;
+  torch_lr_finder.
 
 The peers do not stop on a NaN loss: their lists go on to N with NaN (lrfast stops that candidate and pads it with
 NaN, and the suggestion sees the peer's length). Every peer sets all param groups to the same LR (lrfast keeps their

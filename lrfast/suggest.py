@@ -140,7 +140,8 @@ def valley(lrs, losses, num_it: int | None = None, *, steps_run: int | None = No
 
 
 def slide(lrs, losses, lr_diff: int = 15, thresh: float = 0.005, adjust_value: float = 1.0,
-          num_it: int | None = None, *, steps_run: int | None = None, float32: bool = False) -> float | None:  # fmt: skip
+          num_it: int | None = None, *, steps_run: int | None = None,
+          float32: bool = False) -> float | None:  # fmt: skip
     """fastai ``slide``: slide a window of ``lr_diff`` points down from the end of ``np.gradient(losses)`` while the
     gradients at its ends differ by more than ``thresh``; return the last left-end lr times ``adjust_value``."""
     if lr_diff < 0:
