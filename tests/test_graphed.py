@@ -5,6 +5,8 @@ same curves as the eager driver (drive_eager), through the one step body (loop.S
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -184,14 +186,23 @@ def test_static_inputs_load_the_batch_of_the_device_step():
     assert k0.args[0].tolist() == [3.0, 3.0] and k1.args[0].tolist() == [0.0, 0.0]
 
 
-def test_the_tracker_records_with_an_int_or_a_device_step_alike():
-    a, b = (Tracker(2, 5, 0.9, 3.0, CPU) for _ in range(2))
-    for t, loss in enumerate([[1.0, 2.0], [0.9, 5.0], [0.8, 90.0], [0.7, 1.0], [0.6, 1.0]]):
-        a.record(t, torch.tensor(loss))
-        b.record(torch.tensor([t]), torch.tensor(loss))
-    for x, y in zip(a.tensors, b.tensors):
-        torch.testing.assert_close(x, y, rtol=1e-15, atol=0, equal_nan=True)
-    assert a.steps_run.tolist() == [5, 3] and a.alive.tolist() == [True, False]
+@pytest.mark.parametrize("like", [None, "lightning", "torch_lr_finder"])
+def test_the_tracker_records_with_an_int_or_a_device_step_alike(like):
+    """An int step on CPU records on the host (numpy; Python floats for K = 1), a device step with torch ops: the
+    values are bitwise the same (NaN, divergence by threshold, a peer's smoothing)."""
+    seq = [[1.0, 2.0], [0.9, 5.0], [0.8, 90.0], [0.7, 1.0], [0.6, math.nan]]
+    for k in (2, 1):
+        a, b = (Tracker(k, 5, 0.9, 3.0, CPU, like=like) for _ in range(2))
+        for t, loss in enumerate(seq):
+            a.record(t, torch.tensor(loss[:k], dtype=torch.float32))
+            b.record(torch.tensor([t]), torch.tensor(loss[:k], dtype=torch.float32))
+        for x, y in zip(a.tensors, b.tensors):
+            assert torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0)), (k, x, y)
+        assert a.steps_run.tolist() == [5, 3][:k] and a.alive.tolist() == [True, False][:k]
+    one = Tracker(1, 5, 0.9, None, CPU)
+    for t, loss in enumerate(seq):
+        one.record(t, torch.tensor(loss[1:]))
+    assert one.steps_run.tolist() == [5] and one.alive.tolist() == [False]  # the NaN at the last step stops it
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

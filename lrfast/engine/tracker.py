@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from lrfast import peers
@@ -36,6 +37,7 @@ class Tracker:
         self.host = list(zip(*peers.smoothing(like, smooth, steps)))
         self.table = torch.tensor(self.host, dtype=torch.float64).reshape(steps, 3).to(device)
         self._nan = torch.tensor(math.nan, **f64)
+        self._views: list | None = None  # numpy views of the CPU tensors (record's host path)
         self.kernels = _kernels(device) if fused is None else _kernels(device, required=True) if fused else None
 
     @property
@@ -47,6 +49,9 @@ class Tracker:
         """Step t's (0-based; an int, or a one-element int64 tensor on the device) losses [K]."""
         if self.kernels is not None:
             self.kernels.track(self, t, loss)
+            return
+        if not isinstance(t, torch.Tensor) and self.losses.device.type == "cpu":
+            self._record_host(t, loss.detach().numpy().astype(np.float64))
             return
         alive = self.alive
         loss = loss.to(torch.float64)
@@ -66,6 +71,44 @@ class Tracker:
         diverged = alive & bad
         self.steps_run.copy_(torch.where(diverged, t + 1, self.steps_run))
         self.alive &= ~diverged
+
+
+    def _record_host(self, t: int, loss: np.ndarray) -> None:
+        """record() on CPU with an int step: the same operations in numpy on views of the same tensors (IEEE float64
+        like torch's CPU kernels, so the values are bitwise those of the torch ops), at a tenth of their dispatch
+        cost (~20 us instead of ~170 us a step on the 2-core machine)."""
+        if self._views is None:
+            self._views = [x.numpy() for x in (self.losses, self.smoothed, self.avg, self.best, self.alive,
+                                               self.steps_run, self.best_step)]  # fmt: skip
+        losses, smoothed_buf, avg, best, alive, steps_run, best_step = self._views
+        a, c, d = self.host[t]
+        if loss.size == 1:  # K = 1: Python floats (IEEE float64 too), a few microseconds
+            if not alive[0]:
+                losses[0, t] = smoothed_buf[0, t] = math.nan
+                return
+            x = float(loss[0])
+            avg[0] = mean = float(avg[0]) * a + c * x
+            s, b = mean / d, float(best[0])
+            losses[0, t], smoothed_buf[0, t] = x, s
+            if s < b:
+                best_step[0] = t
+            best[0] = b = b if math.isnan(s) else s if math.isnan(b) else min(b, s)
+            if not math.isfinite(s) or (self.threshold is not None and s > self.threshold * b):
+                steps_run[0], alive[0] = t + 1, False
+            return
+        with np.errstate(all="ignore"):
+            avg[...] = np.where(alive, avg * a + c * loss, avg)
+            smoothed = avg / d
+            losses[:, t] = np.where(alive, loss, np.nan)
+            smoothed_buf[:, t] = np.where(alive, smoothed, np.nan)
+            best_step[...] = np.where(alive & (smoothed < best), t, best_step)
+            best[...] = np.where(alive, np.fmin(best, smoothed), best)
+            bad = ~np.isfinite(smoothed)
+            if self.threshold is not None:
+                bad |= smoothed > self.threshold * best
+        diverged = alive & bad
+        steps_run[...] = np.where(diverged, t + 1, steps_run)
+        alive &= ~diverged
 
 
 def _put(buf: torch.Tensor, t, column: torch.Tensor) -> None:
