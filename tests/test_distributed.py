@@ -224,6 +224,53 @@ def _scenario_ddp_wrapped(rank):
     return {"wrapped": got, "bare": bare, "grads_equal": all(torch.equal(o, grad) for o in others)}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values on this rank (an FSDP2 DTensor's shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _scenario_range_test(rank, wrap):
+    """RangeTest in a loop over this rank's shard of the batches, the model as it is (each rank trains its own copy),
+    in DDP, or sharded with FSDP2 (fully_shard per layer and the root, on a CPU mesh): the losses averaged over the
+    ranks, the same stop on every rank; the model and the optimizer (which has state from a step before) restored."""
+    import torch.nn.functional as F
+
+    model = make_mlp()
+    if wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    elif wrap == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.children():
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters())
+    batches = _shard(make_batches(n=12, batch=32), rank)
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()  # state to restore
+    params = [_local(p).detach().clone() for p in model.parameters()]
+    states = [{k: _local(v).clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    with lrfast.RangeTest(opt, steps=12, max_lr=1.0, restore=model) as rt:
+        for x, y in rt.batches(batches):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rt.record(loss)
+    restored = all(torch.equal(a, _local(p)) for a, p in zip(params, model.parameters())) and all(
+        torch.equal(v, _local(opt.state[p][k])) for s, p in zip(states, model.parameters()) for k, v in s.items())
+    first = F.cross_entropy(model(batches[0][0]), batches[0][1]).detach()  # the restored model's loss, this rank
+    total = first.clone()
+    dist.all_reduce(total)
+    return {"smoothed": rt.result.smoothed, "losses": rt.result.losses, "steps_run": rt.result.steps_run,
+            "restored": restored, "mean_first": float(total) / WORLD, "info": rt.result.info}  # fmt: skip
+
+
 # ---- tests ----
 
 
@@ -362,6 +409,17 @@ def test_ddp_wrapped_model_is_accepted_and_left_working(ranks):
     for g in got:
         assert g["wrapped"]["error"] is None and g["grads_equal"]
         np.testing.assert_array_equal(g["wrapped"]["losses"], g["bare"]["losses"])
+
+
+@pytest.mark.parametrize("wrap", ["none", "ddp", "fsdp2"])
+def test_range_test_averages_the_ranks_losses_stops_them_together_and_restores_sharded_models(ranks, wrap):
+    got = ranks.run("_scenario_range_test", wrap=wrap)
+    for g in got:
+        assert g["restored"] and g["info"]["distributed"]["world"] == WORLD
+    np.testing.assert_array_equal(got[0]["smoothed"], got[1]["smoothed"])  # every rank recorded the same curve
+    assert got[0]["steps_run"] == got[1]["steps_run"]
+    # step 0's recorded loss is the mean of the ranks' losses on their shards (the restored model's, recomputed)
+    assert got[0]["losses"][0, 0] == pytest.approx(got[0]["mean_first"], rel=1e-6)
 
 
 TARGET = """
