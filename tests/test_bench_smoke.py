@@ -137,3 +137,15 @@ def test_candidates_quick_run_writes_time_vs_k_with_equal_curves(tmp_path):
         # K candidates in one pass train what K separate runs train (lr <= 1e-2: rounding stays ~1e-6, PERF-NOTES)
         assert float(r["max_rel_diff_curves"]) < 1e-4, r
     assert (tmp_path / "candidates.md").exists() and (tmp_path / "candidates.png").stat().st_size > 0
+
+
+def test_rangetest_quick_run_writes_both_contestants_per_workload(tmp_path):
+    from benchmarks import bench_rangetest
+
+    assert bench_rangetest.main(["--quick", "--out", str(tmp_path)]) == 0
+    columns, rows = _read(tmp_path / "rangetest.csv")
+    assert columns == bench_rangetest.COLUMNS
+    assert [(r["workload"], r["contestant"]) for r in rows] == [
+        (w, c) for w in ("mlp", "lenet") for c in ("loop", "loop + RangeTest")]
+    assert all(float(r["ms_per_step"]) > 0 and math.isfinite(float(r["overhead_pct"])) for r in rows)
+    assert "| mlp | loop + RangeTest |" in (tmp_path / "rangetest.md").read_text()
