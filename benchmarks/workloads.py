@@ -98,13 +98,13 @@ def _digits(image_size: int | None = None) -> TensorDataset:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def cifar_like(n: int = 5120, classes: int = 10, seed: int = 0) -> TensorDataset:
-    """n CIFAR-shaped images [3, 32, 32]: class c's fixed smooth pattern (8x8 noise upsampled) + unit noise, so there is
-    a signal to learn and the loss falls at a good LR."""
+def cifar_like(n: int = 5120, classes: int = 10, seed: int = 0, noise: float = 1.0) -> TensorDataset:
+    """n CIFAR-shaped images [3, 32, 32]: class c's fixed smooth pattern (8x8 noise upsampled) + `noise` x unit noise,
+    so there is a signal to learn and the loss falls at a good LR (more noise: a harder task, a higher best loss)."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.randn(classes, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear")
     y = torch.randint(0, classes, (n,), generator=g)
-    x = 0.5 * patterns[y] + torch.randn(n, 3, 32, 32, generator=g)
+    x = 0.5 * patterns[y] + noise * torch.randn(n, 3, 32, 32, generator=g)
     return TensorDataset(x, y)
 
 
@@ -157,8 +157,9 @@ def resnet18(classes: int = 10, width: int = 64) -> nn.Sequential:
 
 
 def bn_cnn(classes: int = 10, width: int = 8) -> nn.Sequential:
-    """A small BatchNorm CNN for 32x32x3 images (benchmarks/quality.py, SGD with momentum): a stride-2 3x3 conv stem
-    (BN, ReLU), two BasicBlocks (widths 2w and 4w, stride 2), average pool, linear; 18.8k params at width 8."""
+    """A small BatchNorm CNN for 3-channel images of any size (benchmarks/quality.py, SGD with momentum): a stride-2
+    3x3 conv stem (BN, ReLU), two BasicBlocks (widths 2w and 4w, stride 2), average pool, linear; 18.8k params at
+    width 8."""
     stem = [nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     blocks = [BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2)]
     return nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes))
