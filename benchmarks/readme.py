@@ -68,7 +68,8 @@ def _kernels(path: Path) -> list[str]:
 
 
 def _quality(path: Path) -> list[str]:
-    from benchmarks.quality import summary_table  # only here: it imports lrfast, the other tables need nothing of it
+    # imported here: benchmarks.quality imports lrfast, which the other tables do not need
+    from benchmarks.quality import seeds_run, summary_table
 
     rows = read_csv(path)
     r0 = rows[0]
@@ -80,8 +81,9 @@ def _quality(path: Path) -> list[str]:
     return [f"Suggestion quality, each finder's suggested LR against real training: {r0['device']}, torch "
             f"{r0['torch']}, commit {r0['commit']}, {r0['date']} ({_link(path)}, definitions and per-seed "
             f"suggestions in {_link(md)}). Ground truth: validation loss after N steps at a constant LR, mean of "
-            f"{r0['truth_seeds']} seeds ({'; '.join(truth.values())}); regret = (outcome at the suggestion - best) / "
-            f"|best|, mean over {r0['seeds']} seeds; spread = max - min of log10(suggestion) over them, in decades:",
+            f"{r0['truth_seeds']} seeds ({'; '.join(truth.values())}); regret = (outcome at the suggestion - best) "
+            f"/ |best|, mean over {seeds_run(rows)} seeds; spread = max - min of log10(suggestion) over them, in "
+            "decades:",
             "", *summary_table(rows), ""]  # fmt: skip
 
 
