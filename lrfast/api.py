@@ -50,6 +50,7 @@ def find(
     compile: bool | None = None,
     graphs: bool | None = None,
     like: str | None = None,
+    forward: str = "auto",
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -82,6 +83,12 @@ def find(
       curve is that of a K = 1 run at its LR, whatever K (dropout masks are shared by all candidates at a step),
       within rounding under vmap (a few ulp over the first steps; training can amplify it later: README) and
       bitwise in the per-candidate loop.
+    `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
+    the model per step), or "auto" (default): a timed step of each at set-up (counted in
+    result.timings["forward_choice"]), the loop kept when it is at least 10 % faster (conv nets on CPU), without
+    compile only (compiled, the batched call runs). result.info["forward"] says which ran and what was measured.
+    The two give the same curves to rounding (seeds with dropout: other masks); pass "vmap" or "loop" for results
+    that do not depend on a timing.
     A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has.
     `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
     chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,

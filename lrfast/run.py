@@ -4,6 +4,7 @@ while it sets up or in its first step), and their typed results, merged over chu
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,6 +148,8 @@ class Chunk:
         self.shared = c == 1 or o.strategy != "seeds"
         flat = self.data.splits if o.accumulate == 1 else [s for group in self.data.splits for s in group]
         self.why_loop = "" if self.shared else stackable(flat)
+        if o.forward == "loop" and c > 1 and not self.why_loop:
+            self.why_loop = "forward='loop'"
         self.arena = arena
         self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
         inputs, index = self._inputs(c)
@@ -160,7 +163,9 @@ class Chunk:
                               buffers=self._buffers)  # fmt: skip
         else:
             self.step.forward = self._forward(False)
+            chosen = self._choose(inputs[0])
             ran = drive_eager(self.step, inputs)
+            ran.timings.update(chosen)
         return self._result(tracker, ran, engine.notes + ran.notes)
 
     def _inputs(self, c: int) -> tuple[list, np.ndarray | None]:
@@ -186,6 +191,16 @@ class Chunk:
         self.built.append(inner)
         return Accumulate(inner, self.arena) if o.accumulate > 1 else inner
 
+    def _choose(self, item) -> dict:
+        """forward='auto' with K > 1 candidates: the batched call or the loop, by a timed step of each before the
+        run (engine/forward.BatchedStep.choose); returns its seconds for the timings."""
+        inner = self.built[-1]
+        if self.plan.opts.forward != "auto" or not isinstance(inner, BatchedStep):
+            return {}
+        t0 = time.perf_counter()
+        inner.choose(item if self.plan.opts.accumulate == 1 else item[0])
+        return {"forward_choice": time.perf_counter() - t0}
+
     def _buffers(self) -> list[torch.Tensor]:
         """The mutable non-arena tensors of the forward last built (reset after warm-up)."""
         inner = self.built[-1]
@@ -198,6 +213,8 @@ class Chunk:
             forward = "module (K=1)"
         else:
             forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
+            if inner.mode == "vmap" and inner.choice:
+                forward += f": {inner.choice}"
         parts = [forward] + ([f"{o.accumulate} micro-batches per step"] if o.accumulate > 1 else []) + (
             [f"{o.precision} autocast"] if o.precision != "fp32" else []) + (
             ["torch.compile"] if ran.compiled else []) + (["CUDA graph"] if ran.graphs else [])  # fmt: skip

@@ -30,8 +30,8 @@ def test_grid_candidate_equals_k1_run_and_does_not_depend_on_k():
     model, batches = digits_mlp_batches()
     lrs16 = np.geomspace(1e-4, 1e-2, 16)
     lrs4 = lrs16[::5]  # 4 of the 16 LRs
-    k16 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs16, steps=25, **QUIET)
-    k4 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs4, steps=25, **QUIET)
+    k16 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs16, steps=25, forward="vmap", **QUIET)
+    k4 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=lrs4, steps=25, forward="vmap", **QUIET)
     assert k16.info["forward"] == "vmap (K=16)" and k4.losses.shape == (4, 25)
     for j, lr in enumerate(lrs4):
         k1 = lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=[lr], steps=25, **QUIET)
@@ -87,7 +87,7 @@ def test_grid_score_is_tail_mean_and_suggestion_is_largest_lr_within_tolerance()
 
 
 def test_seeds_are_deterministic_differ_by_replica_and_give_median_and_interval():
-    kw = dict(strategy="seeds", candidates=4, min_lr=1e-4, max_lr=1.0, steps=30, seed=3, progress=False)
+    kw = dict(strategy="seeds", candidates=4, min_lr=1e-4, max_lr=1.0, steps=30, seed=3, progress=False, forward="vmap")
     a = lrfast.find(make_mlp(dropout=0.2), make_batches(), **kw)
     b = lrfast.find(make_mlp(dropout=0.2), make_batches(), **kw)
     assert a.info["forward"] == "vmap (K=4)"
@@ -150,7 +150,7 @@ def test_generic_optimizer_runs_one_instance_per_candidate():
 
 def test_max_memory_splits_k_into_chunks_with_the_same_results():
     batches, model = make_batches(), make_mlp(batchnorm=True)
-    kw = dict(strategy="grid", lrs=[1e-4, 1e-3, 1e-2, 3e-2, 1e-1], steps=10, **QUIET)
+    kw = dict(strategy="grid", lrs=[1e-4, 1e-3, 1e-2, 3e-2, 1e-1], steps=10, forward="vmap", **QUIET)
     whole = lrfast.find(model, batches, **kw)
     per = whole.info["memory"]["per_candidate"]
     assert whole.info["chunk"] == 5 and per > whole.info["memory"]["arena"] > 0

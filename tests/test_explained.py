@@ -135,7 +135,8 @@ def _sequences(n=3, with_mask=False):
 def test_attention_under_vmap_takes_the_batched_math_kernel_with_no_slow_path_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = lrfast.find(_Attention(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False)
+        res = lrfast.find(_Attention(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False,
+                          forward="vmap")
     assert res.info["forward"] == "vmap (K=3)" and not any("batching rule" in n for n in res.info["notes"])
     assert not [w for w in caught if "batching rule" in str(w.message)]
 
@@ -143,7 +144,8 @@ def test_attention_under_vmap_takes_the_batched_math_kernel_with_no_slow_path_wa
 def test_an_op_without_a_vmap_batching_rule_is_one_note_not_a_warning_per_step():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = lrfast.find(_LSTM(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False)
+        res = lrfast.find(_LSTM(), _sequences(), strategy="grid", candidates=3, steps=4, progress=False,
+                          forward="vmap")
     assert res.info["forward"] == "vmap (K=3)"
     assert any("no batching rule for aten::mkldnn_rnn_layer" in n and "slow path" in n for n in res.info["notes"])
     assert not [w for w in caught if "batching rule" in str(w.message)]

@@ -132,7 +132,8 @@ def test_nan_loss_in_a_sweep_stops_it_early_with_a_result(tmp_path, monkeypatch)
 
 # --- out of memory on the first chunk: retried with half the candidates, the same curves ---
 
-OOM_KW = dict(strategy="grid", lrs=[1e-3, 1e-2, 3e-2, 1e-1], steps=8, early_stop_threshold=None, progress=False)
+OOM_KW = dict(strategy="grid", lrs=[1e-3, 1e-2, 3e-2, 1e-1], steps=8, early_stop_threshold=None, progress=False,
+              forward="vmap")
 
 
 def _oom_when(monkeypatch, cls, too_many, exc=None, at_call=None):

@@ -237,7 +237,8 @@ def test_find_with_compile_on_cpu_runs_the_device_counter_engine_and_equals_eage
     import lrfast
 
     model, data = make_mlp(batchnorm=True, dropout=0.1), make_batches(n=5)
-    want = lrfast.find(model, data, steps=15, progress=False, candidates=3, strategy="seeds")
+    want = lrfast.find(model, data, steps=15, progress=False, candidates=3, strategy="seeds",
+                       forward="vmap")  # compiled, the batched call runs
     monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
     got = lrfast.find(model, data, steps=15, progress=False, candidates=3, strategy="seeds", compile=True)
     np.testing.assert_array_equal(got.losses, want.losses)

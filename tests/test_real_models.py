@@ -181,8 +181,8 @@ def test_k1_sweep_equals_a_plain_adamw_loop_bitwise(name):
 
 
 RUNS = {
-    "grid_3": dict(strategy="grid", candidates=3, min_lr=1e-4, max_lr=1e-2),
-    "seeds_2": dict(strategy="seeds", candidates=2, min_lr=1e-4, max_lr=1e-1),
+    "grid_3": dict(strategy="grid", candidates=3, min_lr=1e-4, max_lr=1e-2, forward="vmap"),
+    "seeds_2": dict(strategy="seeds", candidates=2, min_lr=1e-4, max_lr=1e-1, forward="vmap"),
 }
 
 

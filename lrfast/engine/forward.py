@@ -18,7 +18,9 @@ masks depend on K (seeds: deterministic for a given (seed, K))."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import time
 import warnings
 
 import torch
@@ -138,6 +140,38 @@ class BatchedStep:
         self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
                                        randomness=randomness))  # fmt: skip
         self._vf_each = None  # one batch per candidate: built at the first call (in_dims follow the batch)
+        self.choice = ""  # forward="auto": what the measurement found (choose)
+
+    def choose(self, item, repeats: int = 2) -> dict:
+        """forward="auto": time the batched call and the per-candidate loop on `item` (a warm-up, then the best of
+        `repeats` each), the RNG, buffers and grads put back afterwards, and keep the loop when it is at least 10 %
+        faster (conv nets on CPU, where vmap's convolution and pooling rules lose to K plain calls). Returns the
+        timings (ms per step); a vmap that fails here is left to the first step, which falls back with its note."""
+        if self.mode != "vmap" or self.compile:
+            return {}
+        rng, buffers = capture_rng(), {n: b.clone() for n, b in self.buffers.items()}
+        ms = {}
+        try:
+            try:
+                ms["vmap"] = self._time(self._vmap_call, item, repeats)
+            except Exception as e:  # noqa: BLE001 - the real first step meets the same failure and says so
+                if is_oom(e):
+                    raise
+                return {}
+            ms["loop"] = self._time(self._loop, item, repeats)  # its errors are the user's model's: raised
+        finally:
+            restore_rng(rng)
+            for n, b in self.buffers.items():
+                b.copy_(buffers[n])
+            self.arena.zero_grad()
+        measured = f"measured {ms['loop']:.2f} ms a step as a loop, {ms['vmap']:.2f} ms batched (vmap)"
+        if ms["loop"] < 0.9 * ms["vmap"]:
+            self.mode, self.why = "loop", f"forward='auto' {measured}"
+            self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop: forward='auto' {measured}; "
+                              "forward='vmap' forces the batched call")  # fmt: skip
+        else:
+            self.choice = f"forward='auto' {measured}"
+        return ms
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -203,6 +237,21 @@ class BatchedStep:
             return self.scaler.scale
         return torch.ones(self.arena.k, device=self.arena.device)
 
+    def _time(self, run, item, repeats: int) -> float:
+        """Milliseconds of run(item): the best of `repeats` after a warm-up (batching-rule warnings kept quiet: the
+        first real step notes them)."""
+        best = math.inf
+        with _batchable_attention(self.arena.device), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+            for i in range(repeats + 1):
+                _sync(self.arena.device)
+                t0 = time.perf_counter()
+                run(item)
+                _sync(self.arena.device)
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+        return 1e3 * best
+
     def _vmap(self, item) -> torch.Tensor:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
         (each such op runs once per candidate inside the batched step: a slow path); later calls silence them."""
@@ -267,7 +316,14 @@ class BatchedStep:
     def _loop(self, item) -> torch.Tensor:
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         losses = []
+        # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
+        # by rewinding the device's generator; not inside a CUDA graph capture, where it cannot be set
+        device = self.arena.device
+        rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        state = _rng_state(device) if rewind else None
         for k in range(self.arena.k):
+            if rewind and k:
+                _set_rng_state(device, state)
             split = item[k] if isinstance(item, list) else item
             leaves = [p[k].detach().requires_grad_() for p in self.p]
             buffers = {n: b[k] for n, b in self.buffers.items()}
@@ -284,6 +340,22 @@ class BatchedStep:
                     view[k].copy_(g)
             losses.append(loss.detach().float().reshape(()))
         return torch.stack(losses)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _loop_note(k: int, why: str) -> str:
