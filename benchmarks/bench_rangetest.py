@@ -5,7 +5,9 @@ between, so both train the same steps; the LR stays tiny (1e-6 -> 1e-5) so nothi
 
     python -m benchmarks.bench_rangetest [--device cpu|cuda] [--workloads mlp,lenet] [--rounds 15] [--quick]
 
-Writes results/<device>/rangetest.csv and .md: ms per step (median over rounds) and the overhead in percent."""
+Writes results/<device>/rangetest.csv and .md: ms per step (median and best over rounds), the overhead in percent
+of the best (the 2-core machines swing by 20 % round to round: shared/PERF-NOTES.md), and RangeTest's own cost per
+step measured alone (its generator, the LR set on every group, record, the stop check; no model)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from benchmarks import workloads as W
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["workload", "contestant", "steps_per_round", "rounds", "ms_per_step", "ms_best", "overhead_pct",
-           *report.CONDITIONS]  # fmt: skip
+           "bookkeeping_us", "enter_exit_ms", *report.CONDITIONS]  # fmt: skip
 
 
 def _loop(model, opt, batches, loss_fn, device, rt=None) -> None:
@@ -51,13 +53,26 @@ def measure(name: str, device: str, rounds: int, steps: int, quick: bool) -> lis
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def plain():
+    def plain() -> float:
+        t0 = time.perf_counter()
         _loop(model, opt, batches, w.loss, device)
+        sync()
+        return time.perf_counter() - t0
 
-    def with_range_test():
+    def with_range_test() -> float:
+        """The steps' seconds inside the `with` block; entering and leaving it (saving and restoring the model and
+        the optimizer, the result and its suggestion) are a cost per range test, measured apart."""
+        t_enter = time.perf_counter()
         with lrfast.RangeTest(opt, min_lr=1e-6, max_lr=1e-5, steps=len(batches), early_stop_threshold=None,
                               restore=model) as rt:  # fmt: skip
+            t0 = time.perf_counter()
             _loop(model, opt, batches, w.loss, device, rt)
+            sync()
+            steps = time.perf_counter() - t0
+        fixed.append(time.perf_counter() - t_enter - steps)
+        return steps
+
+    fixed: list[float] = []
 
     times = {"loop": [], "loop + RangeTest": []}
     fns = {"loop": plain, "loop + RangeTest": with_range_test}
@@ -67,21 +82,40 @@ def measure(name: str, device: str, rounds: int, steps: int, quick: bool) -> lis
             model.load_state_dict(saved)
             opt.state.clear()
             sync()
-            t0 = time.perf_counter()
-            fns[key]()
-            sync()
+            seconds = fns[key]()
             if i:  # round 0 warms up (first-call set-up, allocator, caches)
-                times[key].append((time.perf_counter() - t0) / len(batches) * 1e3)
+                times[key].append(seconds / len(batches) * 1e3)
     cond = report.conditions(device)
-    base = statistics.median(times["loop"])
+    base, own = min(times["loop"]), bookkeeping_us(opt, device)
     rows = []
     for key, ms in times.items():
-        med = statistics.median(ms)
+        med, best = statistics.median(ms), min(ms)
         rows.append({"workload": name, "contestant": key, "steps_per_round": len(batches), "rounds": rounds,
-                     "ms_per_step": med, "ms_best": min(ms), "overhead_pct": 100 * (med / base - 1), **cond})
-        print(f"{name:8s} {key:18s} {med:8.3f} ms/step (best {min(ms):.3f})  {100 * (med / base - 1):+6.2f} %",
+                     "ms_per_step": med, "ms_best": best, "overhead_pct": 100 * (best / base - 1),
+                     "bookkeeping_us": own if key != "loop" else None,
+                     "enter_exit_ms": 1e3 * min(fixed) if key != "loop" else None, **cond})  # fmt: skip
+        print(f"{name:8s} {key:18s} {med:8.3f} ms/step (best {best:.3f})  {100 * (best / base - 1):+6.2f} %",
               flush=True)  # fmt: skip
     return rows
+
+
+def bookkeeping_us(opt, device: str, steps: int = 2000) -> float:
+    """RangeTest's own microseconds per step: its generator, the LR set on the optimizer's groups, record of a
+    loss on `device` and the stop check, with no model (best of 3)."""
+    import lrfast
+
+    loss = torch.tensor(2.3, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(3):
+        with lrfast.RangeTest(opt, steps=steps, min_lr=1e-6, max_lr=1e-5, early_stop_threshold=None) as rt:
+            sync()
+            t0 = time.perf_counter()
+            for _ in rt.batches(range(steps)):
+                rt.record(loss)
+            sync()
+            best = min(best, (time.perf_counter() - t0) / steps * 1e6)
+    return best
 
 
 def render(csv_path: Path) -> str:
@@ -92,11 +126,16 @@ def render(csv_path: Path) -> str:
     first = rows[0]
     lines = [f"RangeTest around a training loop vs the same loop, {first['device']}, {first['threads']} threads, "
              f"torch {first['torch']}, commit {first['commit']}, {first['date']}: median ms per step over "
-             f"{first['rounds']} alternating rounds of {first['steps_per_round']} steps.", "",
-             "| workload | contestant | ms/step | best | overhead |", "|---|---|---|---|---|"]  # fmt: skip
+             f"{first['rounds']} alternating rounds of {first['steps_per_round']} steps; overhead of the best; "
+             "RangeTest's own cost per step measured alone (no model); entering and leaving the `with` block (save, "
+             "restore, result, suggestion) once per range test.", "",
+             "| workload | contestant | ms/step (median) | best | overhead | RangeTest alone | enter + exit |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        own = f"{float(r['bookkeeping_us']):.1f} us" if r["bookkeeping_us"] else ""
+        fixed = f"{float(r['enter_exit_ms']):.1f} ms" if r["enter_exit_ms"] else ""
         lines.append(f"| {r['workload']} | {r['contestant']} | {float(r['ms_per_step']):.3f} | "
-                     f"{float(r['ms_best']):.3f} | {float(r['overhead_pct']):+.2f} % |")  # fmt: skip
+                     f"{float(r['ms_best']):.3f} | {float(r['overhead_pct']):+.2f} % | {own} | {fixed} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     csv_path.with_suffix(".md").write_text(text)
     return text
