@@ -51,6 +51,7 @@ def find(
     graphs: bool | None = None,
     like: str | None = None,
     forward: str = "auto",
+    cache: str = "auto",
 ) -> LRFindResult:
     """Run an LR range test on `model` with batches from `loader` and return the curve and a suggested LR.
 
@@ -116,6 +117,13 @@ def find(
     with fewer candidates (every rank would have to): pass max_memory. result.info["distributed"] says the mode,
     world size and rank.
 
+    `cache`: where the S cached batches live. "device": all on the device up front (fastest for small data; the
+    graphed engine stacks them once more: about 2 x S x the batch's bytes). "host": in pinned host memory, each
+    step's batch copied into the device buffers just before its step (the graphed engine: outside the captured
+    step; eager: on a side stream, one step ahead), so the device holds a few batches. "auto" (default): the device
+    when twice their bytes fit in a quarter of its free memory, the host otherwise; on CPU the batches are in host
+    memory either way. result.info["cache"] says which and how many bytes; the memory estimate behind max_memory
+    counts the batches held on the device.
     `compile` (default: True on CUDA): torch.compile the forward + backward (a compile that fails falls back to eager,
     said in result.info["notes"]). `graphs` (default: True on CUDA; needs CUDA and Triton): the whole step of all K
     candidates (forward + backward, fused Triton optimizer kernel reading the LR table at a device step counter, loss
@@ -136,7 +144,7 @@ def find(
             sync = _distributed.Sync(plan.dist_mode, opts.timeout, plan.device)  # a collective: every rank gets here
         seed_all(opts.seed)
         data = Data.cache(loader, plan)
-        plan.fit(data.micro[0])
+        plan.fit(data.first, data.device_bytes)
         if sync is not None:
             _agree(plan, data, sync)
         mine = plan.end - plan.first
@@ -187,6 +195,7 @@ def _result(plan: Plan, data: Data, done: ChunkResult, sync, timings: dict) -> L
         "loss": done.loss,
         "params": sum(p.numel() for g in plan.optimizer.groups for p in g.params),
         "notes": list(dict.fromkeys(plan.notes + data.notes + done.notes)),
+        "cache": {"mode": data.mode, "bytes": data.nbytes, "on_device": data.device_bytes},
     }
     if sync is not None:
         info["distributed"] = sync.info()

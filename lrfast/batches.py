@@ -13,11 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 
-def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader", cycle: bool = True) -> list[Split]:
-    """The first `n` batches of `loader` (argument `name`), on `device`, split for the model and checked to share
-    one structure: what a run trains (or validates) on. cycle=False: at most one pass (a validation set shorter
-    than `n` gives each of its batches once, not batch 0 twice)."""
-    splits = [split(to_device(b, device)) for b in take(loader, n, name, cycle)]
+def cache(loader: Iterable, n: int, device: torch.device, name: str = "loader", cycle: bool = True,
+          pin: bool = False) -> list[Split]:  # fmt: skip
+    """The first `n` batches of `loader` (argument `name`), on `device` (`pin`: in pinned host memory, for copies
+    to a GPU that do not block), split for the model and checked to share one structure: what a run trains (or
+    validates) on. cycle=False: at most one pass (a validation set shorter than `n` gives each of its batches once,
+    not batch 0 twice)."""
+    splits = [split(to_device(b, device, pin)) for b in take(loader, n, name, cycle)]
     check_consistent(splits, name, _where_batches_come_from(loader, name))
     return splits
 
@@ -83,21 +85,28 @@ def _tensor_dataset_epoch(loader: DataLoader):
         yield [t[index] for t in tensors]
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """The batch with every tensor moved to `device` (structure kept)."""
+def to_device(batch: Any, device: torch.device, pin: bool = False) -> Any:
+    """The batch with every tensor moved to `device` (structure kept); `pin`: CPU tensors in pinned memory."""
     if isinstance(batch, torch.Tensor):
         if batch.device == device:
-            return batch
+            return batch.pin_memory() if pin and not batch.is_pinned() else batch
         if device.type == "cuda" and batch.device.type == "cpu":
             return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
+        return batch.to(device).pin_memory() if pin else batch.to(device)
+    if isinstance(batch, Split):
+        return Split(*(to_device(v, device, pin) for v in (batch.args, batch.kwargs, batch.target)))
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, pin) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
+        return type(batch)(*(to_device(v, device, pin) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, pin) for v in batch)
     return batch
+
+
+def nbytes(batches: Any) -> int:
+    """The bytes of every tensor in `batches` (any nesting of Splits, lists, dicts)."""
+    return sum(x.nbytes for x in pytree.tree_leaves(batches) if isinstance(x, torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -238,3 +247,37 @@ def _leaf_difference(path: str, x: Any, ref: Any) -> str:
     if x.is_floating_point() and x.shape[1:] != ref.shape[1:]:
         return f"{path} has shape {list(x.shape)}, in batch 0 {list(ref.shape)} (sizes past dim 0 differ)"
     return ""
+
+
+class Feed:
+    """cache="host" on the eager path: items[t] (host, pinned on CUDA) moved to `device` when step t asks for it.
+    On CUDA the next item is copied ahead on a side stream (non-blocking from pinned memory, ordered by an event the
+    step's stream waits on; its tensors are marked as used by that stream, so the allocator does not hand their
+    memory out early): the device holds the step's batch and the next one. On CPU the items are used as they are."""
+
+    def __init__(self, items: list, device: torch.device):
+        self.items, self.device = items, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead: tuple | None = None  # (t, item on the device, event)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, t: int):
+        if self.stream is None:
+            return to_device(self.items[t], self.device)
+        t_ahead, item, event = self.ahead if self.ahead is not None and self.ahead[0] == t else self._copy(t)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for x in pytree.tree_leaves(item):
+            if isinstance(x, torch.Tensor):
+                x.record_stream(current)
+        self.ahead = self._copy(t + 1) if t + 1 < len(self.items) else None
+        return item
+
+    def _copy(self, t: int) -> tuple:
+        with torch.cuda.stream(self.stream):
+            item = to_device(self.items[t], self.device)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return t, item, event

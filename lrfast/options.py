@@ -75,6 +75,9 @@ class FindOptions:
     precision: str = _opt("fp32", "precision", "fp32, or bf16 / fp16 autocast", choices=tuple(amp.PRECISIONS))
     accumulate: int = _opt(1, "precision", "micro-batches averaged per step", parse=int)
     device: Any = _opt(None, "engine", "torch device (default: where the model is)")
+    cache: str = _opt("auto", "engine", "where the cached batches live: device, host (pinned; each step's batch "
+                      "copied in), auto (device when they fit in a quarter of its free memory)",
+                      choices=("auto", "device", "host"))  # fmt: skip
     compile: bool | None = _opt(None, "engine", "torch.compile the step (default: on for CUDA)",
                                 cli="--compile/--no-compile")
     graphs: bool | None = _opt(None, "engine", "capture the step in a CUDA graph and replay it (default: on for CUDA)",
@@ -144,6 +147,9 @@ class FindOptions:
             raise TypeError(f"progress={self.progress!r} must be True or False")
 
     def _check_rest(self) -> None:
+        if self.cache not in ("auto", "device", "host"):
+            raise ValueError(f"cache={self.cache!r} is not a place for the batches; use 'auto', 'device' (all on the "
+                             "device up front) or 'host' (pinned host memory, each step's batch copied in)")  # fmt: skip
         if self.forward not in ("auto", "vmap", "loop"):
             raise ValueError(f"forward={self.forward!r} is not a way to run candidates; use 'auto' (timed at set-up), "
                              "'vmap' (one batched call) or 'loop' (K calls)")  # fmt: skip

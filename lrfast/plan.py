@@ -90,23 +90,27 @@ class Plan:
                    cuda if opts.compile is None else opts.compile, cuda if opts.graphs is None else opts.graphs,
                    why_not_graphs, 10 if cuda else 1, notes=notes)  # fmt: skip
 
-    def fit(self, first_batch) -> None:
+    def fit(self, first_batch, batch_bytes: int = 0) -> None:
         """The chunk size: how many of this rank's candidates one pass may hold (a probe step measures one; K = 1
-        without max_memory skips it); a distributed run then agrees on it (api._agree)."""
+        without max_memory skips it), next to the `batch_bytes` of cached batches held on the device; a distributed
+        run then agrees on it (api._agree)."""
         mine = self.end - self.first
         self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, self.opts.loss_fn,
-                                                    self.device, mine, self.opts.max_memory)  # fmt: skip
+                                                    self.device, mine, self.opts.max_memory,
+                                                    batch_bytes)  # fmt: skip
 
-    def engine(self, index: np.ndarray | None, why_loop: str, splits: list) -> Engine:
+    def engine(self, index: np.ndarray | None, why_loop: str, splits: list, host: bool = False) -> Engine:
         """The engine of a chunk whose step t trains on splits[index[t]] (index [S], or [S, K] with one batch per
-        candidate; None: per-candidate micro-batches); `why_loop`: why its candidates run as a loop ('' if not)."""
+        candidate; None: per-candidate micro-batches); `why_loop`: why its candidates run as a loop ('' if not);
+        `host`: the batches are in host memory (cache="host"), copied into the static buffers before each step."""
         if not (self.compile or self.graphs):
             return Engine()
         why = self._why_eager(index, why_loop)
         static = None
         if not why:
             try:
-                static = StaticInputs(splits, torch.tensor(np.ascontiguousarray(index), device=self.device))
+                static = StaticInputs(splits, torch.tensor(np.ascontiguousarray(index), device=self.device),
+                                      host=host)  # fmt: skip
             except NotStatic as e:
                 why = f"the batches cannot be replayed: {e}"
         if why:

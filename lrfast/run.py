@@ -32,11 +32,28 @@ class Data:
     val: list | None
     rng: dict
     notes: list[str] = field(default_factory=list)
+    mode: str = "device"  # where the cached batches live: "device" | "host" (cache=)
+    nbytes: int = 0  # their bytes
+    device_bytes: int = 0  # the bytes they hold on the device (x2 where the graphed engine stacks them again)
+    first: object = None  # micro[0] on the device (the memory probe's batch)
 
     @classmethod
     def cache(cls, loader, plan: Plan) -> Data:
-        o = plan.opts
-        micro = _batches.cache(loader, o.steps * o.accumulate, plan.device)
+        o, device = plan.opts, plan.device
+        cuda, host = device.type == "cuda", o.cache == "host" or (device.type == "cuda" and o.cache == "auto")
+        micro = _batches.cache(loader, o.steps * o.accumulate, torch.device("cpu") if host else device, pin=host and cuda)
+        size, mode, notes = _batches.nbytes(micro), "host" if o.cache == "host" else "device", []
+        if cuda and o.cache == "auto":  # cached on the host first: onto the device when they fit comfortably
+            free = torch.cuda.mem_get_info(device)[0]
+            if 2 * size <= free // 4:
+                micro = [_batches.to_device(m, device) for m in micro]
+            else:
+                mode = "host"
+                notes.append(f"cache='auto': the {len(micro)} cached batches ({size / 2**20:.0f} MiB, twice that "
+                             f"once stacked) would take over a quarter of the {free / 2**20:.0f} MiB free on {device}: "
+                             "they stay in pinned host memory, each step's batch copied in (cache='device' puts "
+                             "them on the device)")  # fmt: skip
+        held = 0 if mode == "host" else size * (2 if plan.compile or plan.graphs else 1)
         n = o.accumulate
         splits = micro if n == 1 else [micro[t * n : (t + 1) * n] for t in range(o.steps)]
         rng = capture_rng()
@@ -46,7 +63,7 @@ class Data:
             if len(val) < o.val_batches:
                 notes.append(f"val_loader has {len(val)} batch(es), fewer than val_batches={o.val_batches}: each is "
                              "scored once")  # fmt: skip
-        return cls(micro, splits, val, rng, notes)
+        return cls(micro, splits, val, rng, notes, mode, size, held, _batches.to_device(micro[0], device))
 
 
 @dataclass
@@ -95,7 +112,7 @@ def run_chunks(plan: Plan, snap: Snapshot, data: Data, bar, sync=None) -> ChunkR
         except Exception as e:
             if not is_oom(e) or run.begun > 1:  # only an OOM while setting up or in the first step
                 raise
-            oom = _retry_or_raise(e, plan, hi - lo)
+            oom = _retry_or_raise(e, plan, hi - lo, data.device_bytes)
         if oom:  # outside the except block: the failed chunk's tensors (held by the traceback) are freed
             new = max(1, (hi - lo) // 2)
             notes.append(f"out of memory with {hi - lo} candidates in one pass ({oom}): retried in chunks of {new}")
@@ -112,10 +129,10 @@ def run_chunks(plan: Plan, snap: Snapshot, data: Data, bar, sync=None) -> ChunkR
     return done
 
 
-def _retry_or_raise(e: BaseException, plan: Plan, c: int) -> str:
+def _retry_or_raise(e: BaseException, plan: Plan, c: int, held: int = 0) -> str:
     if c == 1:
         o = plan.opts
-        raise OutOfMemoryError(oom_message(e, plan.device, o.steps, o.accumulate, plan.memory)) from e
+        raise OutOfMemoryError(oom_message(e, plan.device, o.steps, o.accumulate, plan.memory, held)) from e
     if plan.dist_mode == "ddp":
         raise OutOfMemoryError(f"out of memory on {plan.device} with {c} candidates in one pass: distributed='ddp' "
                                "cannot retry with fewer (every rank would have to); pass max_memory=... to run fewer "
@@ -155,7 +172,7 @@ class Chunk:
         inputs, index = self._inputs(c)
         tracker = Tracker(c, steps, o.smooth, o.early_stop_threshold, plan.device, like=o.like)
         lr_table = torch.tensor(plan.table[lo:hi].T, dtype=torch.float64, device=plan.device).contiguous()  # [S, K]
-        engine = plan.engine(index, self.why_loop, self.data.splits)
+        engine = plan.engine(index, self.why_loop, self.data.splits, host=self.data.mode == "host")
         self.step = Step(None, arena, update.make(plan.optimizer, arena), tracker, lr_table, self.scaler, self.sync,
                          self.data.val, o.val_every, self.bar, plan.check_every)  # fmt: skip
         if engine.static is not None:
@@ -163,6 +180,8 @@ class Chunk:
                               buffers=self._buffers)  # fmt: skip
         else:
             self.step.forward = self._forward(False)
+            if self.data.mode == "host":
+                inputs = _batches.Feed(inputs, plan.device)
             chosen = self._choose(inputs[0])
             ran = drive_eager(self.step, inputs)
             ran.timings.update(chosen)

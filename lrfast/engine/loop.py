@@ -120,19 +120,29 @@ class NotStatic(ValueError):
 
 
 class StaticInputs:
-    """The U distinct step inputs stacked on the device, and one set of static buffers that `load(t)` fills with
-    step t's input. `index` [S]: step t trains on items[index[t]]; [S, K]: candidate k on items[index[t, k]] (each
-    candidate its own batch: the input is then a list of K items)."""
+    """The U distinct step inputs stacked, and one set of static buffers on the device that step t's input is copied
+    into. `index` [S]: step t trains on items[index[t]]; [S, K]: candidate k on items[index[t, k]] (each candidate
+    its own batch: the input is then a list of K items).
 
-    def __init__(self, items: list, index: torch.Tensor):
+    On the device (cache="device"), `load(t)` copies at the device counter t, inside the captured step. In host
+    memory (`host`, cache="host": pinned on CUDA), `fill(t)` copies step t's rows in before the step runs, outside
+    any captured graph (non-blocking from pinned memory, ordered on the step's stream), so the device holds the
+    static buffers alone."""
+
+    def __init__(self, items: list, index: torch.Tensor, host: bool = False):
         why = stack_difference(items)
         if why:
             raise NotStatic(why)
         self.stacked, self.spec = pytree.tree_flatten(stack(items))
-        self.index = index
+        self.index, self.host = index, host
         rows = index[0].reshape(-1)
-        self.buffers = [x.index_select(0, rows).reshape(self._shape(x)) if isinstance(x, torch.Tensor) else x
-                        for x in self.stacked]  # fmt: skip
+        device = index.device
+        if host:
+            self.stacked = [x.pin_memory() if isinstance(x, torch.Tensor) and device.type == "cuda" else x
+                            for x in self.stacked]  # fmt: skip
+            self.rows = index.cpu()
+        self.buffers = [x.index_select(0, rows.to(x.device)).reshape(self._shape(x)).to(device)
+                        if isinstance(x, torch.Tensor) else x for x in self.stacked]  # fmt: skip
         if index.dim() == 2:  # one item per candidate, views of the [K, ...] buffers
             k = index.shape[1]
             self.item = [self._unflatten([b[j] if isinstance(b, torch.Tensor) else b for b in self.buffers])
@@ -146,8 +156,21 @@ class StaticInputs:
     def _unflatten(self, leaves: list):
         return pytree.tree_unflatten(leaves, self.spec)
 
+    def fill(self, t: int) -> None:
+        """host: copy step t's input (an int) from host memory into the static buffers (before step t runs)."""
+        rows = self.rows[t]
+        for x, b in zip(self.stacked, self.buffers):
+            if isinstance(x, torch.Tensor):
+                src = x[int(rows)] if rows.dim() == 0 else x.index_select(0, rows)  # [S]: a view of pinned memory
+                if src.device.type == "cpu" and b.device.type == "cuda" and not src.is_pinned():
+                    src = src.pin_memory()
+                b.copy_(src.reshape(b.shape), non_blocking=True)
+
     def load(self, t: torch.Tensor):
-        """Copy step t's input (t: one-element int64 tensor on the device) into the static buffers; returns them."""
+        """Copy step t's input (t: one-element int64 tensor on the device) into the static buffers; returns them.
+        host: the buffers as fill() left them."""
+        if self.host:
+            return self.item
         rows = self.index.index_select(0, t.reshape(1)).reshape(-1)
         for x, b in zip(self.stacked, self.buffers):
             if isinstance(x, torch.Tensor):
@@ -186,9 +209,12 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
 
     def warm() -> None:
         """One warm-up step on the side stream, without the ranks' averaging: a warm-up that fails on one rank
-        only must not leave the ranks' collectives out of step (its effects are reset anyway)."""
+        only must not leave the ranks' collectives out of step (its effects are reset anyway). It runs step 0 (the
+        counter is reset before each): with host inputs, step 0's batch is copied in first."""
         step.sync = None
         try:
+            if static.host:
+                static.fill(0)
             _on_side_stream(side, one_step)
         finally:
             step.sync = sync
@@ -216,7 +242,7 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
     graph = None
     if graphs:
         t0 = time.perf_counter()
-        graph, why = _capture(one_step, warmup - 1, reset, warm)
+        graph, why = _capture(one_step, warmup - 1, reset, warm, static)
         if sync is not None and not sync.all_true(graph is not None, "agreeing on CUDA graph capture") and not why:
             graph, why = None, "it failed on another rank: eager steps on every rank"
         if why:
@@ -228,17 +254,21 @@ def drive_graph(step: Step, static: StaticInputs, make_forward: Callable[[bool],
 
     t0 = time.perf_counter()
     with _sync_errors() if strict and cuda else contextlib.nullcontext():
-        run.steps_replayed = _replay(step, graph.replay if graph is not None else one_step)
+        run.steps_replayed = _replay(step, graph.replay if graph is not None else one_step,
+                                     static.fill if static.host else None)
     _sync(cuda)
     run.timings["steps"] = time.perf_counter() - t0
     run.steps_run = int(tracker.steps_run.max())
     return run
 
 
-def _replay(step: Step, one_step: Callable[[], None]) -> int:
-    """Replay (or call) the step up to S times; returns how many ran. No host sync unless a progress bar is shown."""
+def _replay(step: Step, one_step: Callable[[], None], fill: Callable[[int], None] | None = None) -> int:
+    """Replay (or call) the step up to S times (`fill(i)` first: host inputs); returns how many ran. No host sync
+    unless a progress bar is shown."""
     pending: collections.deque = collections.deque()
     for i in range(step.steps):
+        if fill is not None:
+            fill(i)
         one_step()
         step.after(i)  # eager, between replays
         if (i + 1) % step.check_every == 0 and i + 1 < step.steps and _all_stopped(step.tracker.alive, pending):
@@ -246,7 +276,8 @@ def _replay(step: Step, one_step: Callable[[], None]) -> int:
     return step.steps
 
 
-def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None], warm: Callable[[], None]):
+def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None], warm: Callable[[], None],
+             static: StaticInputs | None = None):
     """Warm up (`warm`: one step on the side stream), then capture one step, the ranks' averaging in it; returns
     (graph, '') or (None, why not). Everything a step writes, the step counter too, is reset before each warm-up,
     so that none reads past the last row of the LR table or of the static inputs whatever S is. A capture that
@@ -263,6 +294,8 @@ def _capture(one_step: Callable[[], None], warmup: int, reset: Callable[[], None
             warm()
         torch.cuda.synchronize()
         reset()
+        if static is not None and static.host:
+            static.fill(0)  # outside the graph: the replays are filled one by one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             one_step()

@@ -59,27 +59,36 @@ def available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
 
 
-def chunk_size(model, plan, split, loss_fn, device, k, max_memory) -> tuple[int, dict]:
-    """How many candidates one pass may hold. K = 1 without max_memory: no probe (the fast path stays as it was)."""
+def chunk_size(model, plan, split, loss_fn, device, k, max_memory, batch_bytes: int = 0) -> tuple[int, dict]:
+    """How many candidates one pass may hold next to the `batch_bytes` of cached batches the device holds (they come
+    out of the budget). K = 1 without max_memory: no probe (the fast path stays as it was)."""
     if k == 1 and max_memory is None:
         return 1, {}
     parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn)
     per = sum(parts.values())
     budget = int(max_memory) if max_memory is not None else available_bytes(device)
-    fit = min(k, budget // per)
+    fit = min(k, (budget - batch_bytes) // per)
     if fit < 1:
         detail = ", ".join(f"{name} {v / 2**20:.2f} MiB" for name, v in parts.items())
+        held = (f" next to the {batch_bytes / 2**20:.1f} MiB of cached batches on {device} (cache='host' keeps them "
+                "in host memory)" if batch_bytes else "")  # fmt: skip
         raise ValueError(f"max_memory={max_memory!r}: one candidate needs ~{per} bytes ({detail}), more than the "
-                         f"{budget} bytes allowed; pass max_memory >= {per}, or None for a safe fraction of the free "
-                         "memory")  # fmt: skip
-    return int(fit), {**parts, "per_candidate": per, "budget": budget}
+                         f"{budget} bytes allowed{held}; pass max_memory >= {per + batch_bytes}, or None for a safe "
+                         "fraction of the free memory")  # fmt: skip
+    return int(fit), {**parts, "per_candidate": per, "budget": budget, "batches": batch_bytes}
 
 
-def oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict) -> str:
-    estimate = f" (estimated ~{memory['per_candidate'] / 2**20:.1f} MiB per candidate)" if memory else ""
+def oom_message(e: BaseException, device, steps: int, accumulate: int, memory: dict, held: int | None = None) -> str:
+    """`held`: the bytes of cached batches on the device (default: the estimate's)."""
+    estimate = (f" (estimated ~{memory['per_candidate'] / 2**20:.1f} MiB per candidate)" if memory.get("per_candidate")
+                else "")  # fmt: skip
+    held = memory.get("batches", 0) if held is None else held
+    where = (f"The batches of all steps ({steps * accumulate} now, {held / 2**20:.1f} MiB) are cached on {device} up "
+             "front: pass cache='host' to keep them in pinned host memory (each step's batch is copied in), fewer "
+             "steps or smaller batches" if held else
+             "The batches are in host memory (only a few on the device): pass smaller batches")  # fmt: skip
     return (
         f"out of memory on {device} with a single candidate{estimate}: {type(e).__name__}: {str(e)[:300]}; nothing "
-        f"fits, not even one candidate at a time. The batches of all steps ({steps * accumulate} now) are cached on "
-        f"{device} up front: pass fewer steps or smaller batches, use a smaller model, or free memory on the device "
+        f"fits, not even one candidate at a time. {where}, use a smaller model, or free memory on the device "
         "(max_memory only caps the candidates run together, and 1 is the floor)"
     )
