@@ -149,7 +149,8 @@ class FindOptions:
     def _check_rest(self) -> None:
         if self.cache not in ("auto", "device", "host"):
             raise ValueError(f"cache={self.cache!r} is not a place for the batches; use 'auto', 'device' (all on the "
-                             "device up front) or 'host' (pinned host memory, each step's batch copied in)")  # fmt: skip
+                             "device up front) or 'host' (pinned host memory, each step's batch copied "
+                             "in)")  # fmt: skip
         if self.forward not in ("auto", "vmap", "loop"):
             raise ValueError(f"forward={self.forward!r} is not a way to run candidates; use 'auto' (timed at set-up), "
                              "'vmap' (one batched call) or 'loop' (K calls)")  # fmt: skip

@@ -41,7 +41,8 @@ class Data:
     def cache(cls, loader, plan: Plan) -> Data:
         o, device = plan.opts, plan.device
         cuda, host = device.type == "cuda", o.cache == "host" or (device.type == "cuda" and o.cache == "auto")
-        micro = _batches.cache(loader, o.steps * o.accumulate, torch.device("cpu") if host else device, pin=host and cuda)
+        where = torch.device("cpu") if host else device
+        micro = _batches.cache(loader, o.steps * o.accumulate, where, pin=host and cuda)
         size, mode, notes = _batches.nbytes(micro), "host" if o.cache == "host" else "device", []
         if cuda and o.cache == "auto":  # cached on the host first: onto the device when they fit comfortably
             free = torch.cuda.mem_get_info(device)[0]
