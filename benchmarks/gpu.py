@@ -12,7 +12,8 @@ Stages run in turn, most informative first, so that a run cut short still tells 
 versions incl. NCCL, lrfast.info()), triton (the kernel tests, compiled), capture (the CUDA graph tests: K = 1, grid,
 seeds, under sync-debug "error"), probe (find on the MLP, K = 1 and 8, fp32 and bf16, compile and graphs on and
 off: path, notes, timings, Dynamo graphs, distance to the eager curve), cuda-tests (the other CUDA cases), kernels
-(bandwidth, aligned and unaligned rows), bn (bf16 + BatchNorm), short (steps = 4, then 3, each in its own process:
+(bandwidth, aligned and unaligned rows), bn (bf16 + BatchNorm), cache (the batches on the device or the host:
+peak memory), short (steps = 4, then 3, each in its own process:
 a device-side assert poisons only its process), compare (one process per workload, merged into one compare.csv),
 candidates, readme. Each runs as a subprocess in its own process group, killed at its time budget (BUDGET_S), its
 output in OUT/logs/<stage>.log. A stage that fails or runs out of time is recorded in env.json (exit status, the
@@ -53,7 +54,7 @@ PY = sys.executable
 # these sizes, and env.json records each part's wall seconds to set them from.
 K1 = "lrfast,torch_lr_finder,lightning,bare"
 COMPARE = {
-    "mlp": (50, ["--contestants", "lrfast,lrfast_k16,lrfast_k32,torch_lr_finder,lightning,bare", "--repeats", "2",
+    "mlp": (40, ["--contestants", "lrfast,lrfast_k16,lrfast_k32,torch_lr_finder,lightning,bare", "--repeats", "2",
                  "--first-repeats", "0"]),
     "lenet": (50, ["--contestants", K1, "--repeats", "2", "--first-repeats", "1"]),
     "resnet18": (40, ["--contestants", K1, "--repeats", "1", "--first-repeats", "0"]),
@@ -75,8 +76,9 @@ BUDGET_S = {
     "cuda-tests": 15,  # the other CUDA cases
     "kernels": 30,  # 6 cases x 7 kernels x 41 rounds of ~4 ms timed, plus set-up: 100M-param randn on the host
     "bn": 20,  # 2 finds on a small BatchNorm ResNet in bf16, K = 4, one compiled
+    "cache": 10,  # ResNet-18 K = 1 with cache="device" and "host": peak memory and ms/step
     "short": 30,  # steps = 4 and 3: 2 processes of 2 finds each (CUDA init, one compile each)
-    "compare": sum(COMPARE[w][0] for w in WORKLOADS) + RENDER_S,  # 150: the parts above
+    "compare": sum(COMPARE[w][0] for w in WORKLOADS) + RENDER_S,  # 140: the parts above
     "candidates": 40,  # mlp, K = 1 and 8: ~17 lrfast calls, each with its own compile + capture
     "readme": 10,
 }
@@ -87,7 +89,7 @@ DRY_TIMEOUT_S = 120  # per part of a dry run: 3-13 s each, 60 s in all on the 2-
 # grep cuda.is_available tests/: the CUDA-only cases are in test_graphed (skipif no CUDA) and test_triton (compiled
 # on CUDA, interpreted on CPU), and test_find's info test asserts info["cuda"]. The others found by the grep:
 TESTS = {"triton": ("tests/test_triton.py",), "capture": ("tests/test_graphed.py",),
-         "cuda-tests": ("tests/test_find.py::test_info_reports_backends",)}  # fmt: skip
+         "cuda-tests": ("tests/test_find.py::test_info_reports_backends", "tests/test_cache.py")}  # fmt: skip
 CUDA_TESTS = tuple(t for stage in TESTS.values() for t in stage)
 NOT_CUDA_ONLY = {
     "tests/_helpers.py": "triton_kernels(), a helper of test_graphed and test_triton",
@@ -216,6 +218,7 @@ def plan(out: Path = RESULTS, wheels: Path | None = None, install: bool = True, 
     kernels = [PY, "-m", "benchmarks.bench_kernels", *device, "--out", str(out)]
     stages.append(Stage("kernels", [part("kernels", kernels, BUDGET_S["kernels"])]))
     stages.append(Stage("bn", [part("bn", [*probe, "bn", *device, "--out", str(out)], BUDGET_S["bn"])]))
+    stages.append(Stage("cache", [part("cache", [*probe, "cache", *device, "--out", str(out)], BUDGET_S["cache"])]))
     stages.append(Stage("short", [
         part(f"steps{n}", [*probe, "steps", "--steps", str(n), *device, "--out", str(out)],
              BUDGET_S["short"] / len(SHORT_STEPS)) for n in SHORT_STEPS]))  # fmt: skip

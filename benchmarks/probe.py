@@ -8,6 +8,8 @@ graphs Dynamo made, and how far the curve is from the eager run of the same sett
     python -m benchmarks.probe bn ...           bf16 + BatchNorm (small ResNet), K = 4: vmap's failure, its fallback
     python -m benchmarks.probe steps --steps 3  a run of 3 (or 4, ...) steps, compile + graphs: in its own process,
                                                 since a device-side assert leaves the process's GPU unusable
+    python -m benchmarks.probe cache ...        ResNet-18, K = 1: cache="device" against "host": peak device memory
+                                                (CUDA), ms per step, the batches' bytes
 
 Each writes DIR/probe-<case>.json (one record per find) and prints one line per record. Exit status 1 if a find
 raised or a compiled curve is further from the eager one than TOLERANCE."""
@@ -43,7 +45,7 @@ def _graphs() -> int:
 
 
 def find(model_fn, dataset, device: str, steps: int, k: int, precision: str, compile: bool, graphs: bool,
-         batch: int, seed: int = 0) -> tuple[dict, np.ndarray | None]:  # fmt: skip
+         batch: int, seed: int = 0, cache: str = "auto") -> tuple[dict, np.ndarray | None]:  # fmt: skip
     """One lrfast.find on a fresh model: the record of what it did, and its smoothed curve [K, S] (None: it
     raised)."""
     import lrfast
@@ -53,11 +55,17 @@ def find(model_fn, dataset, device: str, steps: int, k: int, precision: str, com
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     strategy = {} if k == 1 else {"strategy": "grid", "lrs": list(np.geomspace(1e-4, 1e-1, k))}
-    rec = {"k": k, "precision": precision, "compile_asked": compile, "graphs_asked": graphs, "steps": steps}
+    rec = {"k": k, "precision": precision, "compile_asked": compile, "graphs_asked": graphs, "steps": steps,
+           "cache_asked": cache}  # fmt: skip
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     before, t0 = _graphs(), time.perf_counter()
     try:
         r = lrfast.find(model, loader, optimizer="adam", steps=steps, precision=precision, compile=compile,
-                        graphs=graphs, device=device, progress=False, seed=seed, **strategy)  # fmt: skip
+                        graphs=graphs, device=device, progress=False, seed=seed, cache=cache, **strategy)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - recorded: the probe goes on with the next setting
         rec.update(error=f"{type(e).__name__}: {e}", wall_s=round(time.perf_counter() - t0, 3))
         return rec, None
@@ -67,7 +75,8 @@ def find(model_fn, dataset, device: str, steps: int, k: int, precision: str, com
         compiled=info["compile"], graphs=info["graphs"], path=f"{info['optimizer_path']} + {info['forward']}",
         notes=info["notes"], steps_run=int(r.steps_run), suggestion=r.suggestion,
         compile_s=t.get("compile", t.get("warmup")), capture_s=t.get("capture"),
-        step_ms=1e3 * t["steps"] / r.steps_run if t.get("steps") and r.steps_run else None,
+        step_ms=1e3 * t["steps"] / r.steps_run if t.get("steps") and r.steps_run else None, cache=info["cache"],
+        peak_device_mib=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
     )  # fmt: skip
     return rec, np.asarray(r.smoothed, dtype=np.float64).reshape(k, -1)
 
@@ -94,12 +103,14 @@ def settings(case: str, quick: bool, device: str = "cuda") -> list[tuple]:
         return rows[:2] if quick else rows
     if case == "bn":
         return [("resnet18", 4, "bf16", [(True, True)])]
+    if case == "cache":
+        return [("resnet18", 1, "fp32", [])]
     return [("mlp", 1, "fp32", [(True, True)])]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("case", choices=("matrix", "bn", "steps"))
+    ap.add_argument("case", choices=("matrix", "bn", "steps", "cache"))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 20 steps (bn: 6), two settings (a CPU smoke run)")
     ap.add_argument("--steps", type=int, help="steps per find (default: the workload's; `steps` case: 3)")
@@ -110,9 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     records, failed = [], False
     for name, k, precision, modes in settings(args.case, args.quick, args.device):
         w = workloads.get(name, args.device, args.quick)
-        steps = args.steps or (3 if args.case == "steps" else 6 if args.quick and args.case == "bn" else w.steps)
+        short = args.quick and args.case in ("bn", "cache")
+        steps = args.steps or (3 if args.case == "steps" else 6 if short else w.steps)
         dataset = w.dataset()
         run = dict(dataset=dataset, device=args.device, steps=steps, k=k, precision=precision, batch=w.batch_size)
+        if args.case == "cache":  # the engine's defaults for the device, the batches in each place
+            for cache in ("device", "host"):
+                rec, _ = find(w.model, compile=args.device == "cuda", graphs=args.device == "cuda", cache=cache, **run)
+                records.append({"workload": name, **rec})
+                failed |= "error" in rec
+            continue
         eager, ref = find(w.model, compile=False, graphs=False, **run)
         records.append({"workload": name, **eager})
         for compile, graphs in modes:
@@ -123,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             failed |= "error" in rec or (diff is not None and not diff <= TOLERANCE[precision])
         failed |= "error" in eager
     for rec in records:
-        mode = f"compile={rec['compile_asked']!s:5} graphs={rec['graphs_asked']!s:5}"
+        mode = f"compile={rec['compile_asked']!s:5} graphs={rec['graphs_asked']!s:5} cache={rec['cache_asked']}"
         what = rec.get("error") or (f"{rec['path']}; compiled {rec['compiled']}, graphs {rec['graphs']}, "
                                     f"{rec['dynamo_graphs']} Dynamo graphs, diff {rec.get('max_rel_diff_to_eager')}, "
-                                    f"notes {rec['notes']}")  # fmt: skip
+                                    f"cache {rec['cache']}, peak {rec['peak_device_mib']} MiB, "
+                                    f"{rec['step_ms']} ms/step, notes {rec['notes']}")  # fmt: skip
         print(f"{rec['workload']} K={rec['k']} {rec['precision']} {mode}: {what}", flush=True)
     path = out / f"probe-{args.case}{'' if args.case != 'steps' else records[0]['steps']}.json"
     path.write_text(json.dumps(records, indent=1, default=str) + "\n")

@@ -21,8 +21,8 @@ except ImportError:  # pytest run from elsewhere: the repo root holds benchmarks
     from benchmarks import gpu
 
 # most informative first (issue 16): versions, the kernel and capture tests, the find probes, then the benchmarks
-STAGES = ["wheels", "install", "env", "triton", "capture", "probe", "cuda-tests", "kernels", "bn", "short", "compare",
-          "candidates", "readme"]  # fmt: skip
+STAGES = ["wheels", "install", "env", "triton", "capture", "probe", "cuda-tests", "kernels", "bn", "cache", "short",
+          "compare", "candidates", "readme"]  # fmt: skip
 PY = sys.executable
 
 
@@ -94,8 +94,8 @@ def test_every_flag_of_the_plan_is_one_its_benchmark_module_takes(capsys):
     for dry in (False, True):
         stages = gpu.plan(dry=dry, workloads=tuple(gpu.COMPARE))
         parts = [p for s in stages for p in s.parts if p.argv[1] == "-m" and p.argv[2] in helps]
-        # the workloads, the render, kernels, candidates, the 4 probes
-        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 3 + 4
+        # the workloads, the render, kernels, candidates, the 5 probes
+        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 3 + 5
         for part in parts:
             for flag in (a for a in part.argv if a.startswith("--")):
                 assert re.search(rf"{flag}\b", helps[part.argv[2]]), (flag, part.argv[2])
@@ -199,7 +199,9 @@ def test_dry_run_prints_the_plan_and_runs_every_stage_cpu_sized_into_out(tmp_pat
     for name in ("triton", "capture", "cuda-tests"):
         assert "collected" in (out / "logs" / f"{name}.log").read_text() and (out / f"tests-{name}.xml").exists()
     probes = {p.name: json.loads(p.read_text()) for p in out.glob("probe-*.json")}
-    assert sorted(probes) == ["probe-bn.json", "probe-matrix.json", "probe-steps3.json", "probe-steps4.json"]
+    assert sorted(probes) == ["probe-bn.json", "probe-cache.json", "probe-matrix.json", "probe-steps3.json",
+                              "probe-steps4.json"]  # fmt: skip
+    assert [r["cache"]["mode"] for r in probes["probe-cache.json"]] == ["device", "host"]
     assert [r["steps"] for r in probes["probe-steps3.json"]] == [3]
     matrix = probes["probe-matrix.json"]  # on CPU: eager, then compiled without graphs, K = 1 and 8
     assert [(r["k"], r["compile_asked"]) for r in matrix] == [(1, False), (1, True), (8, False), (8, True)]
