@@ -2,6 +2,7 @@
 runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 on three workloads (Adam, batch 64, 100 steps):
 - mlp: digits MLP 64-256-256-10 (lrfast.data.mlp on digits());
 - lenet: LeNet-5 on digits upscaled to 28x28 (lrfast.data.lenet5 on digits(28));
+- cnn: a small BatchNorm CNN (benchmarks/workloads.bn_cnn, width 8) on CIFAR-shaped generated images;
 - resnet18, chargpt (by name only: K = 32 of them takes minutes a step on 2 cores): see benchmarks/workloads.py;
 - loader: the digits MLP fed by a map-style Dataset whose __getitem__ does deterministic per-sample CPU work (a few
   numpy blur passes per 8x8 image), calibrated at start to cost ~10x the K = 1 MLP step per batch of 64, as JPEG
@@ -48,8 +49,9 @@ from lrfast.data import digits, mlp
 OUT = Path(__file__).parent / "results" / "cpu"
 KS = (1, 2, 4, 8, 16, 32)
 WORKLOADS = ("mlp", "lenet", "loader")  # the default: ResNet-18 and char-GPT at K = 32 take minutes a step on 2 cores
-CHOICES = (*WORKLOADS, "resnet18", "chargpt")
-NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader": "loader_bound_digits_mlp"}
+CHOICES = (*WORKLOADS, "cnn", "resnet18", "chargpt")
+NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader": "loader_bound_digits_mlp",
+         "cnn": "bn_cnn_8_cifar_like32", "chargpt": "chargpt_4x256_ctx128"}
 MIN_LR, MAX_LR, BATCH = 1e-4, 1e-2, 64
 LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
 # torch-lr-finder is skipped at a K whose estimated sequential time (from the previous K) passes this, per round

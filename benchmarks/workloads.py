@@ -65,6 +65,10 @@ def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
         width, n, batch = (8, 256, 16) if quick else (64, 5120, 128)
         return Workload(name, f"ResNet-18 (width {width}), CIFAR-shaped 32x32 generated", partial(cifar_like, n),
                         partial(resnet18, width=width), batch, steps, heavy=cpu and not quick)  # fmt: skip
+    if name == "cnn":  # not in WORKLOADS (compare's): bench_candidates' BatchNorm CNN
+        n, width = (256, 4) if quick else (2048, 8)
+        return Workload(name, f"BatchNorm CNN (width {width}), CIFAR-shaped 32x32 generated", partial(cifar_like, n),
+                        partial(bn_cnn, width=width), 64, steps)  # fmt: skip
     if name == "chargpt":
         layers, width, heads, ctx, batch = (1, 32, 2, 32, 8) if quick else (4, 256, 4, 128, 32)
         return Workload(name, f"char GPT {layers}x{width}, ctx {ctx}, stdlib bytes", partial(stdlib_bytes, ctx),

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lrfast import distributed as _distributed
+from lrfast import suggest as _suggest
 from lrfast.errors import OutOfMemoryError  # noqa: F401 - raised by find, importable from here
 from lrfast.options import FindOptions
 from lrfast.plan import Plan
@@ -210,6 +211,12 @@ def _result(plan: Plan, data: Data, done: ChunkResult, sync, timings: dict) -> L
     why = result.why_no_suggestion()
     if why:
         info["notes"].append(why)
+    if o.like is None and o.suggestion in _suggest.POOR_ON_LRFAST_CURVES and o.strategy != "grid":
+        info["notes"].append(
+            f"suggestion={o.suggestion!r} picks poorly on lrfast's curves: mean regret "
+            f"{_suggest.POOR_ON_LRFAST_CURVES[o.suggestion]:.1f} (validation loss over the best's, relative) in "
+            "lrfast's benchmarks/results/cpu/quality.md, against 0.34 for valley, the default; like=<its peer> runs "
+            "the peer's own test, where the method belongs")
     return result
 
 

@@ -192,6 +192,14 @@ METHODS: dict[str, Callable[..., float | None]] = {
 }
 
 
+# Methods that pick poorly on lrfast's own curves (debiased EMA, both endpoints hit): the suggestion-quality benchmark
+# (benchmarks/results/cpu/quality.md: validation loss after 200-300 constant-LR steps, 4 workloads x 5 seeds) has
+# their mean regret ((loss at the suggestion - best loss) / best loss) at 4.6 (steep) to 16.7 (steepest), against 0.34
+# for valley. They stay
+# for comparison (and each is right on its own peer's curve: like=); find() says so in its notes.
+POOR_ON_LRFAST_CURVES = {"steepest": 16.70, "slide": 8.25, "steepest_log": 6.63, "torch_lr_finder": 5.32, "steep": 4.57}
+
+
 def points_needed(method: str, steps: int) -> tuple[int, str]:
     """(the fewest recorded points of a `steps`-step curve with which `method`, default options, can answer; the
     peer's cut that sets it). Fewer finite points than that always give None."""

@@ -241,3 +241,11 @@ def test_find_stopped_by_a_nan_loss_suggests_from_the_steps_it_ran():
     n = res.steps_run
     assert res.suggestion == lrfast.suggest.valley(x[:n], y[:n], num_it=60)
     assert LRFindResult.from_dict(json.loads(json.dumps(res.to_dict(), default=str))).suggestion == res.suggestion
+
+
+def test_a_method_that_picks_poorly_on_lrfasts_curves_is_said_in_the_notes():
+    """steepest & co. are right on their peer's curve, poor on lrfast's (benchmarks/results/cpu/quality.md)."""
+    poor = _lrfast("mlp", None, steps=20, suggestion="steepest")
+    assert any("picks poorly on lrfast's curves" in n for n in poor.info["notes"])
+    for res in (_lrfast("mlp", None, steps=20), _lrfast("mlp", "lightning", steps=20)):
+        assert not any("picks poorly" in n for n in res.info["notes"])
