@@ -154,7 +154,7 @@ def test_max_memory_splits_k_into_chunks_with_the_same_results():
     whole = lrfast.find(model, batches, **kw)
     per = whole.info["memory"]["per_candidate"]
     assert whole.info["chunk"] == 5 and per > whole.info["memory"]["arena"] > 0
-    chunked = lrfast.find(model, batches, max_memory=2 * per, **kw)
+    chunked = lrfast.find(model, batches, max_memory=2 * per + whole.info["memory"]["batches"], **kw)
     assert chunked.info["chunk"] == 2 and any("chunks of 2" in n for n in chunked.info["notes"])
     assert chunked.info["forward"] == "vmap (K=2); module (K=1)"
     np.testing.assert_allclose(chunked.losses, whole.losses, rtol=1e-5)

@@ -41,3 +41,15 @@ def test_loop_and_vmap_give_the_same_grid_curves_to_rounding():
 def test_a_bad_forward_is_refused():
     with pytest.raises(ValueError, match="forward"):
         lrfast.find(make_mlp(), make_batches(n=2), forward="batched", candidates=2, strategy="grid")
+
+
+def test_the_loop_gives_each_grid_candidate_its_k1_curve_bitwise():
+    """The loop calls the model itself with candidate k's parameters and grads pointed at row k of the arena (as a
+    K = 1 run does with row 0), and rewinds the dropout generator per candidate: bitwise the K = 1 curves."""
+    lrs = [1e-3, 1e-2, 1e-1]
+    grid = lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
+                       strategy="grid", lrs=lrs, steps=12, forward="loop", progress=False)  # fmt: skip
+    for k, lr in enumerate(lrs):
+        one = lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
+                          strategy="grid", lrs=[lr], steps=12, progress=False)  # fmt: skip
+        np.testing.assert_array_equal(grid.losses[k], one.losses[0])

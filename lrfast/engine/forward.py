@@ -141,6 +141,7 @@ class BatchedStep:
                                        randomness=randomness))  # fmt: skip
         self._vf_each = None  # one batch per candidate: built at the first call (in_dims follow the batch)
         self.choice = ""  # forward="auto": what the measurement found (choose)
+        self._loop_rows: list | None = None
 
     def choose(self, item, repeats: int = 2) -> dict:
         """forward="auto": time the batched call and the per-candidate loop on `item` (a warm-up, then the best of
@@ -314,6 +315,9 @@ class BatchedStep:
         return explain_arity(self._loop, item[0] if isinstance(item, list) else item, item)
 
     def _loop(self, item) -> torch.Tensor:
+        """K calls of the model itself, as a K = 1 run makes them: candidate k's parameters (.data) and grads (.grad)
+        pointed at row k of the arena, its buffers swapped in, backward accumulating straight into the arena (no
+        functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent."""
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         losses = []
         # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
@@ -321,25 +325,41 @@ class BatchedStep:
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         state = _rng_state(device) if rewind else None
-        for k in range(self.arena.k):
-            if rewind and k:
-                _set_rng_state(device, state)
-            split = item[k] if isinstance(item, list) else item
-            leaves = [p[k].detach().requires_grad_() for p in self.p]
-            buffers = {n: b[k] for n, b in self.buffers.items()}
-            with autocast(self.arena.device, self.precision):
-                out = self._call(dict(zip(self.names, leaves)), buffers, split.args, split.kwargs)
-                if self.loss_f is None:
-                    self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
-                loss = self.loss_f(out, split)
-            check_scalar(loss)
-            scale = 1.0 if self.scaler is None else self.scaler.scale[k]
-            grads = torch.autograd.grad(loss.reshape(()).float() * scale, leaves, allow_unused=True)
-            for g, view in zip(grads, self.g):
-                if g is not None:
-                    view[k].copy_(g)
-            losses.append(loss.detach().float().reshape(()))
+        rows = self._rows()
+        try:
+            for k in range(self.arena.k):
+                if rewind and k:
+                    _set_rng_state(device, state)
+                split = item[k] if isinstance(item, list) else item
+                for p, data, grads in rows:
+                    p.data, p.grad = data[k], grads[k]
+                buffers = {n: b[k] for n, b in self.buffers.items()}
+                with autocast(device, self.precision):
+                    out = self._call({}, buffers, split.args, split.kwargs)
+                    if self.loss_f is None:
+                        self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+                    loss = self.loss_f(out, split)
+                check_scalar(loss)
+                scale = 1.0 if self.scaler is None else self.scaler.scale[k]
+                (loss.reshape(()).float() * scale).backward()
+                for p, _, grads in rows:
+                    if p.grad is not None and p.grad is not grads[k]:  # autograd replaced the preset view
+                        grads[k].copy_(p.grad)
+                losses.append(loss.detach().float().reshape(()))
+        finally:
+            for p, data, grads in rows:
+                p.data, p.grad = data[0], grads[0]
         return torch.stack(losses)
+
+    def _rows(self) -> list:
+        """[(parameter, its view in each candidate's row, its grad view in each row)], made once."""
+        if self._loop_rows is None:
+            self._loop_rows = []
+            for seg in self.arena.segments:
+                data = [seg.views(seg.p, j) for j in range(self.arena.k)]  # per candidate: every parameter's view
+                grads = [seg.views(seg.g, j) for j in range(self.arena.k)]
+                self._loop_rows += [(p, [d[i] for d in data], [g[i] for g in grads]) for i, p in enumerate(seg.params)]
+        return self._loop_rows
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
