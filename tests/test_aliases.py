@@ -120,7 +120,7 @@ def test_find_restores_aliases_by_identity_after_an_error_mid_run(make):
             raise RuntimeError("boom")
         return nn.functional.cross_entropy(out, y)
 
-    # K = 2: past the calls of forward="auto"'s timed steps at set-up (3 batched, 3 x 2 in the loop)
+    # K = 2: past the calls of forward="auto"'s timed steps at set-up (2 batched, 2 x 2 in the loop)
     for kwargs, fail in ((dict(), 4), (dict(strategy="grid", candidates=2), 14)):
         calls["n"], calls["fail"] = 0, fail
         with pytest.raises(RuntimeError, match="boom"):

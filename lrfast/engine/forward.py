@@ -143,7 +143,7 @@ class BatchedStep:
         self.choice = ""  # forward="auto": what the measurement found (choose)
         self._loop_rows: list | None = None
 
-    def choose(self, item, repeats: int = 2) -> dict:
+    def choose(self, item, repeats: int = 1) -> dict:
         """forward="auto": time the batched call and the per-candidate loop on `item` (a warm-up, then the best of
         `repeats` each), the RNG, buffers and grads put back afterwards, and keep the loop when it is at least 10 %
         faster (conv nets on CPU, where vmap's convolution and pooling rules lose to K plain calls). Returns the
