@@ -310,12 +310,9 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--render", type=Path, help="only render compare.md and compare.png next to this compare.csv")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
 
-    if args.render:
-        render(args.render)
-        return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda.is_available() is False here; nothing run", file=sys.stderr)
-        return 2
+    status = report.render_or_refuse(args, render)
+    if status is not None:
+        return status
     repeats = 1 if args.quick else args.repeats
     first_repeats = 0 if args.quick else args.first_repeats
     s = Settings(args.min_lr, args.max_lr, early_stop=args.early_stop, device=args.device, threads=args.threads,

@@ -96,18 +96,13 @@ def _sgd_momentum(params, lr):
 
 
 @dataclass(frozen=True)
-class Task:
-    name: str
-    title: str
-    dataset: Callable[[], TensorDataset]
-    model: Callable[[], nn.Module]
-    batch_size: int
-    optimizer: str  # in words, for the CSV
-    make_optimizer: Callable  # (params, lr) -> torch.optim.Optimizer
-    grid: tuple[float, float, int]  # the ground truth's LRs: np.geomspace(*grid)
-    steps: int  # N: ground-truth training steps at each constant LR
-    val_n: int  # held-out samples scored, in one batch
-    loss: Callable = F.cross_entropy
+class Task(W.Workload):
+    """A workload (benchmarks/workloads.Workload: `steps` is N, the ground truth's training steps at each constant
+    LR; `optimizer` in words, for the CSV) with what the ground truth needs."""
+
+    make_optimizer: Callable | None = None  # (params, lr) -> torch.optim.Optimizer
+    grid: tuple[float, float, int] = (1e-6, 1.0, 19)  # the ground truth's LRs: np.geomspace(*grid)
+    val_n: int = 359  # held-out samples scored, in one batch
 
     @property
     def lrs(self) -> np.ndarray:
@@ -125,16 +120,16 @@ def tasks(quick: bool = False) -> dict[str, Task]:
     cnn_width, images, cnn_batch = (4, 640, 16) if quick else (8, 2560, 64)
     return {
         "mlp": Task("mlp", f"digits MLP 64-{hidden}-{hidden}-10", data.digits, partial(data.mlp, hidden=hidden), 64,
-                    "Adam (torch defaults)", _adam, adam_grid, n(300), 359),
-        "lenet": Task("lenet", "LeNet-5, digits 28x28", partial(data.digits, 28), data.lenet5, lenet_batch,
-                      "Adam (torch defaults)", _adam, adam_grid, n(300), 359),
+                    n(300), "Adam (torch defaults)", make_optimizer=_adam, grid=adam_grid, val_n=359),
+        "lenet": Task("lenet", "LeNet-5, digits 28x28", partial(data.digits, 28), data.lenet5, lenet_batch, n(300),
+                      "Adam (torch defaults)", make_optimizer=_adam, grid=adam_grid, val_n=359),
         "chargpt": Task("chargpt", f"char GPT {layers}x{width}, ctx {ctx}, stdlib bytes", partial(W.stdlib_bytes, ctx),
-                        partial(W.GPT, 256, ctx, layers, width, heads), gpt_batch, "AdamW (torch defaults)", _adamw,
-                        adam_grid, n(200), 64 if quick else 256, W.lm_loss),
+                        partial(W.GPT, 256, ctx, layers, width, heads), gpt_batch, n(200), "AdamW (torch defaults)",
+                        loss=W.lm_loss, make_optimizer=_adamw, grid=adam_grid, val_n=64 if quick else 256),
         "cnn": Task("cnn", f"BatchNorm CNN (width {cnn_width}), CIFAR-like generated, noise {CNN_NOISE:g}, pooled to "
-                    "16x16", partial(pooled_images, images), partial(W.bn_cnn, width=cnn_width), cnn_batch,
-                    "SGD momentum 0.9", _sgd_momentum, (1e-4, 1.0, 9) if quick else (1e-5, 10.0, 19), n(200),
-                    128 if quick else 512),
+                    "16x16", partial(pooled_images, images), partial(W.bn_cnn, width=cnn_width), cnn_batch, n(200),
+                    "SGD momentum 0.9", make_optimizer=_sgd_momentum,
+                    grid=(1e-4, 1.0, 9) if quick else (1e-5, 10.0, 19), val_n=128 if quick else 512),
     }  # fmt: skip
 
 
@@ -590,12 +585,9 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --quick)")
     p.add_argument("--render", type=Path, help="only render quality.md and quality.png next to this quality.csv")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
-    if args.render:
-        render(args.render)
-        return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda.is_available() is False here; nothing run", file=sys.stderr)
-        return 2
+    status = report.render_or_refuse(args, render)
+    if status is not None:
+        return status
     # --quick: the tiny models are as fast on one thread, and 2 spin-waiting OpenMP threads beside another job on the
     # 2 cores made the quick run 8x slower here (354 s against 42 s)
     threads = args.threads or (1 if args.quick else None)

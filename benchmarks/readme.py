@@ -20,6 +20,14 @@ def _link(path: Path) -> str:
     return f"[{rel}]({rel})"
 
 
+def _per_workload(rows: list[dict], text) -> list[str]:
+    """text(row) for the first row of each workload, in the CSV's order."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r["workload"], text(r))
+    return list(seen.values())
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -27,12 +35,10 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def _compare(path: Path) -> list[str]:
     rows = read_csv(path)
     r0 = rows[0]
-    steps = {}
-    for r in rows:
-        steps.setdefault(r["workload"], f"{r['workload']} {r['steps']} steps x batch {r['batch_size']} "
-                                        f"({r['optimizer']}, {r['precision']})")  # fmt: skip
+    steps = _per_workload(rows, lambda r: f"{r['workload']} {r['steps']} steps x batch {r['batch_size']} "
+                                          f"({r['optimizer']}, {r['precision']})")  # fmt: skip
     out = [f"Range test, lrfast vs peers: {r0['device']}, {r0['cores']} cores, {r0['threads']} threads, torch "
-           f"{r0['torch']}, commit {r0['commit']}, {r0['date']}; {'; '.join(steps.values())} ({_link(path)}):", ""]
+           f"{r0['torch']}, commit {r0['commit']}, {r0['date']}; {'; '.join(steps)} ({_link(path)}):", ""]
     cells = [[r["workload"], r["contestant"], r["k"], num(r["ms_per_step_warm"], ".3f"),
               num(r["ms_per_step_steady"], ".3f"), num(r["wall_s_first"], ".3f"),
               *(num(r[f"speedup_vs_{p}"], ".2f") for p in PEERS), r["note"]] for r in rows]  # fmt: skip
@@ -73,15 +79,13 @@ def _quality(path: Path) -> list[str]:
 
     rows = read_csv(path)
     r0 = rows[0]
-    truth = {}
-    for r in rows:
-        truth.setdefault(r["workload"], f"{r['workload']} {r['optimizer']}, {r['truth_steps']} steps, "
-                                        f"{r['truth_lrs']} LRs {r['grid_min_lr']} -> {r['grid_max_lr']}")  # fmt: skip
+    truth = _per_workload(rows, lambda r: f"{r['workload']} {r['optimizer']}, {r['truth_steps']} steps, "
+                                          f"{r['truth_lrs']} LRs {r['grid_min_lr']} -> {r['grid_max_lr']}")  # fmt: skip
     md = path.with_suffix(".md")
     return [f"Suggestion quality, each finder's suggested LR against real training: {r0['device']}, torch "
             f"{r0['torch']}, commit {r0['commit']}, {r0['date']} ({_link(path)}, definitions and per-seed "
             f"suggestions in {_link(md)}). Ground truth: validation loss after N steps at a constant LR, mean of "
-            f"{r0['truth_seeds']} seeds ({'; '.join(truth.values())}); regret = (outcome at the suggestion - best) "
+            f"{r0['truth_seeds']} seeds ({'; '.join(truth)}); regret = (outcome at the suggestion - best) "
             f"/ |best|, mean over {seeds_run(rows)} seeds; spread = max - min of log10(suggestion) over them, in "
             "decades:",
             "", *summary_table(rows), ""]  # fmt: skip

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,3 +103,15 @@ def save_png(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def render_or_refuse(args, render) -> int | None:
+    """A benchmark's first decision on its parsed arguments: --render only re-renders (exit status 0); --device cuda
+    without a CUDA device is refused (2); None: run."""
+    if args.render:
+        render(args.render)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch.cuda.is_available() is False here; nothing run", file=sys.stderr)
+        return 2
+    return None
