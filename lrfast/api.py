@@ -68,7 +68,8 @@ def find(
     `like` ("lightning" | "fastai" | "torch_lr_finder") reproduces that peer's range test instead of lrfast's own:
     its LR schedule, loss smoothing, curve length (the peers do not stop on a NaN loss), suggestion rule and its
     arithmetic, and its defaults for the options left at lrfast's defaults (min_lr, max_lr, early_stop_threshold,
-    smooth, suggestion; torch-lr-finder starts at the optimizer's lr); every param group then trains at the same
+    smooth, suggestion; a value equal to lrfast's default counts as left; torch-lr-finder starts at the optimizer's
+    lr); every param group then trains at the same
     LR, as the peers set them. On the same model, weights, batches and optimizer the curve and suggestion are the
     peer's to float rounding (fastai returns float32 LRs, and so does like="fastai"). result.info["notes"] lists
     the defaults taken; lrfast.peers has the table of what differs.
