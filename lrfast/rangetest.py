@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lrfast import peers, schedule
+from lrfast.distributed import rank_world
 from lrfast.engine.loop import _all_stopped
 from lrfast.engine.tracker import Tracker
 from lrfast.options import FindOptions
@@ -84,7 +85,7 @@ class RangeTest:
     def __enter__(self) -> RangeTest:
         self._saved = (_save_modules(self.modules), [_save_optimizer(o) for o in self.optimizers], capture_rng())
         self._t0 = time.perf_counter()
-        self._world = _world() if self.distributed in (None, True) else 1
+        self._world = rank_world()[1] if self.distributed in (None, True) else 1
         if self.distributed and self._world == 1:
             raise ValueError("distributed=True needs an initialized torch.distributed process group of > 1 rank")
         return self
@@ -119,7 +120,7 @@ class RangeTest:
         for t in range(self.opts.steps):
             if t != self.recorded:
                 raise RuntimeError(f"RangeTest: step {t - 1} recorded no loss; call rt.record(loss) once per batch")
-            if t and t % self._check_every() == 0 and self._stopped(pending):
+            if t and t % self._check_every() == 0 and _all_stopped(self.tracker.alive, pending):
                 return
             self._set_lr(float(self.table[t]))
             try:
@@ -148,12 +149,6 @@ class RangeTest:
             self.tracker = Tracker(1, o.steps, o.smooth, o.early_stop_threshold, loss.device, like=o.like)
         self.tracker.record(self.recorded, loss)
         self.recorded += 1
-
-    def _stopped(self, pending: collections.deque) -> bool:
-        alive = self.tracker.alive
-        if alive.device.type == "cpu":
-            return not alive.numpy().any()  # a host read without a torch op (~1 us)
-        return _all_stopped(alive, pending)
 
     def _check_every(self) -> int:
         if self.check_every is None:
@@ -192,11 +187,6 @@ class RangeTest:
 
 def _lr_value(lr) -> float:
     return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _describe(x) -> str:

@@ -40,7 +40,8 @@ class Data:
     @classmethod
     def cache(cls, loader, plan: Plan) -> Data:
         o, device = plan.opts, plan.device
-        cuda, host = device.type == "cuda", o.cache == "host" or (device.type == "cuda" and o.cache == "auto")
+        cuda = device.type == "cuda"
+        host = o.cache == "host" or (cuda and o.cache == "auto")  # auto on CUDA: cached on the host, then decided
         where = torch.device("cpu") if host else device
         micro = _batches.cache(loader, o.steps * o.accumulate, where, pin=host and cuda)
         size, mode, notes = _batches.nbytes(micro), "host" if o.cache == "host" else "device", []
