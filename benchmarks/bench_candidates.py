@@ -1,8 +1,10 @@
 """Time vs K: K candidate LRs in one lrfast pass against K sequential lrfast K = 1 runs, K sequential torch-lr-finder
-runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 on three workloads (Adam, batch 64, 100 steps):
-- mlp: digits MLP 64-256-256-10 (lrfast.data.mlp on digits());
-- lenet: LeNet-5 on digits upscaled to 28x28 (lrfast.data.lenet5 on digits(28));
-- cnn: a small BatchNorm CNN (benchmarks/workloads.bn_cnn, width 8) on CIFAR-shaped generated images;
+runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 (Adam, 100 steps unless the workload says fewer):
+- mlp: digits MLP 64-256-256-10 (lrfast.data.mlp on digits()), batch 64;
+- lenet: LeNet-5 on digits upscaled to 28x28 (lrfast.data.lenet5 on digits(28)), batch 64;
+- cnn: a small BatchNorm CNN (benchmarks/workloads.bn_cnn, width 8) on CIFAR-shaped generated images, batch 64;
+- chargpt_small: a 2-layer, 128-wide char GPT (context 64, batch 32; 20 steps on CPU, K <= 16: ~80 ms a step);
+- lstm: a byte-level LSTM (width 128, context 32, batch 32), K <= 16;
 - resnet18, chargpt (by name only: K = 32 of them takes minutes a step on 2 cores): see benchmarks/workloads.py;
 - loader: the digits MLP fed by a map-style Dataset whose __getitem__ does deterministic per-sample CPU work (a few
   numpy blur passes per 8x8 image), calibrated at start to cost ~10x the K = 1 MLP step per batch of 64, as JPEG
@@ -12,9 +14,9 @@ steps; torch-lr-finder runs its exp range test 1e-4 -> 1e-2 over S steps (compar
 off. ms/step is the wall-clock of the whole call(s) (set-up, steps, restore) divided by S: for the sequential
 contestants the sum over the K runs. Every run gets a fresh model with the same seed and a fresh seeded loader
 (compare.fresh). Within each K the contestants are interleaved round by round, best of N (the 2-core machines swing
-up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the FLOPs of one forward + backward at batch 64
-(torch.utils.flop_counter) at the fp32 matmul rate measured in this process (1024 x 1024 matmul); it ignores the
-loader and the optimizer step.
+up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the FLOPs of one forward + backward at the
+workload's batch (torch.utils.flop_counter) at the fp32 matmul rate measured in this process (1024 x 1024 matmul);
+it ignores the loader and the optimizer step.
 
 With --device cuda every model, lrfast run and torch-lr-finder run is on the GPU (lrfast with its CUDA defaults:
 torch.compile and CUDA-graph capture inside each timed call) and the floor is the GPU's fp32 matmul rate.
@@ -22,8 +24,8 @@ torch.compile and CUDA-graph capture inside each timed call) and the floor is th
 Rows go to benchmarks/results/<device>/candidates.csv (one per workload and K; written after every workload), and
 candidates.md / candidates.png are rendered from that CSV.
 
-    python -m benchmarks.bench_candidates [--device cpu|cuda] [--workloads mlp,lenet,loader] [--ks 1,2,4,8,16,32]
-        [--steps 100] [--repeats 2] [--quick] [--render-only] [--out DIR]
+    python -m benchmarks.bench_candidates [--device cpu|cuda] [--workloads mlp,lenet,cnn,chargpt_small,lstm,loader]
+        [--ks 1,2,4,8,16,32] [--steps 100] [--repeats 2] [--quick] [--render-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ from lrfast.data import digits, mlp
 
 OUT = Path(__file__).parent / "results" / "cpu"
 KS = (1, 2, 4, 8, 16, 32)
-WORKLOADS = ("mlp", "lenet", "loader")  # the default: ResNet-18 and char-GPT at K = 32 take minutes a step on 2 cores
-CHOICES = (*WORKLOADS, "cnn", "resnet18", "chargpt")
+# the default: ResNet-18 and the full char-GPT at K = 32 take minutes a step on 2 cores
+WORKLOADS = ("mlp", "lenet", "cnn", "chargpt_small", "lstm", "loader")
+CHOICES = (*WORKLOADS, "resnet18", "chargpt")
 NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader": "loader_bound_digits_mlp",
-         "cnn": "bn_cnn_8_cifar_like32", "chargpt": "chargpt_4x256_ctx128"}
+         "cnn": "bn_cnn_8_cifar_like32", "chargpt": "chargpt_4x256_ctx128", "chargpt_small": "chargpt_2x128_ctx64",
+         "lstm": "char_lstm_128_ctx32"}  # fmt: skip
+MAX_K = {"chargpt_small": 16, "lstm": 16, "chargpt": 8, "resnet18": 8}  # on CPU: K = 32 of them is minutes a round
 MIN_LR, MAX_LR, BATCH = 1e-4, 1e-2, 64
 LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
 # torch-lr-finder is skipped at a K whose estimated sequential time (from the previous K) passes this, per round
@@ -186,6 +191,9 @@ def step_flops(dataset, wl: W.Workload) -> int:
 def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, rounds: int, loader_ms: float,
                    k1_ms: float, device: str = "cpu"):  # fmt: skip
     dataset, wl = dataset_and_model(workload, rounds)
+    steps = min(steps, wl.steps)
+    if device == "cpu":
+        ks = [k for k in ks if k <= MAX_K.get(workload, max(ks))]
     flops = step_flops(dataset, wl)
     tlf_missing = missing("torch_lr_finder")  # an optional peer: its column stays empty without it
     for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
@@ -250,6 +258,14 @@ def _fmt(x: str) -> str:
         return x or "-"
 
 
+def _shapes(rows: list[dict]) -> str:
+    """Steps and batch of each workload ("100 steps, batch 64" when they all share them)."""
+    per = {r["workload"]: f"{r['steps']} steps, batch {r['batch_size']}" for r in rows}
+    if len(set(per.values())) == 1:
+        return next(iter(per.values()))
+    return "; ".join(f"{w}: {v}" for w, v in per.items())
+
+
 def write_md(out: Path) -> None:
     rows = read_csv(out)
     cols = ["workload", "k", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
@@ -262,8 +278,8 @@ def write_md(out: Path) -> None:
     notes = sorted({f"{r['workload']} K={r['k']}: {r['note']}" for r in rows if r.get("note")})
     loader = [r for r in rows if r.get("loader_ms_per_batch")]
     lines.append(f"\n{c['device']}, {c['cores']} cores, {c['threads']} threads, torch {c['torch']}, lrfast "
-                 f"{c['lrfast']}, commit {c['commit']}, {c['date']}; {c['steps']} steps, batch {c['batch_size']}, "
-                 f"Adam; wall-clock of whole calls, best of {c['repeats']}, contestants interleaved within each K. "
+                 f"{c['lrfast']}, commit {c['commit']}, {c['date']}; Adam; {_shapes(rows)}; wall-clock of whole "
+                 f"calls, best of {c['repeats']}, contestants interleaved within each K. "
                  f"Floor: K x {{fwd+bwd FLOPs}} at {float(c['matmul_gflops']):.0f} GFLOP/s (1024^3 fp32 matmul, "
                  "same process).")  # fmt: skip
     if loader:
@@ -283,8 +299,12 @@ def write_png(out: Path) -> None:
     series = {"ms_per_step_one_pass": "lrfast, K in one pass", "ms_per_step_sequential": "K x lrfast K=1",
               "ms_per_step_sequential_torch_lr_finder": "K x torch-lr-finder",
               "floor_ms_per_step": "compute floor"}  # fmt: skip
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.2), squeeze=False)
-    for ax, wl in zip(axes[0], workloads):
+    cols = min(3, len(workloads))
+    rows_n = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(workloads):]:
+        ax.set_visible(False)
+    for ax, wl in zip(axes.flat, workloads):
         sub = [r for r in rows if r["workload"] == wl]
         for col, label in series.items():
             pts = [(int(r["k"]), float(r[col])) for r in sub if r[col] and np.isfinite(float(r[col]))]
@@ -295,7 +315,7 @@ def write_png(out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     c = rows[0]
-    fig.suptitle(f"{c['steps']} steps, batch {c['batch_size']}, Adam; {c['cores']} cores, torch {c['torch']}, "
+    fig.suptitle(f"Adam, steps and batch per workload in candidates.md; {c['cores']} cores, torch {c['torch']}, "
                  f"commit {c['commit']}, {c['date']}", fontsize=9)  # fmt: skip
     report.save_png(fig, out / "candidates.png")
 

@@ -69,6 +69,15 @@ def get(name: str, device: str = "cpu", quick: bool = False) -> Workload:
         n, width = (256, 4) if quick else (2048, 8)
         return Workload(name, f"BatchNorm CNN (width {width}), CIFAR-shaped 32x32 generated", partial(cifar_like, n),
                         partial(bn_cnn, width=width), 64, steps)  # fmt: skip
+    if name == "chargpt_small":  # not in WORKLOADS (compare's): bench_candidates' char GPT, K = 16 in minutes
+        layers, width, heads, ctx, batch = (1, 32, 2, 32, 8) if quick else (2, 128, 4, 64, 32)
+        return Workload(name, f"char GPT {layers}x{width}, ctx {ctx}, stdlib bytes", partial(stdlib_bytes, ctx),
+                        partial(GPT, 256, ctx, layers, width, heads), batch, 20 if cpu else steps,
+                        loss=lm_loss)  # fmt: skip
+    if name == "lstm":  # not in WORKLOADS (compare's): bench_candidates' LSTM language model
+        width, ctx, batch = (32, 16, 8) if quick else (128, 32, 32)
+        return Workload(name, f"char LSTM 1x{width}, ctx {ctx}, stdlib bytes", partial(stdlib_bytes, ctx),
+                        partial(CharLSTM, 256, width), batch, steps, loss=lm_loss)  # fmt: skip
     if name == "chargpt":
         layers, width, heads, ctx, batch = (1, 32, 2, 32, 8) if quick else (4, 256, 4, 128, 32)
         return Workload(name, f"char GPT {layers}x{width}, ctx {ctx}, stdlib bytes", partial(stdlib_bytes, ctx),
@@ -210,3 +219,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
+
+
+class CharLSTM(nn.Module):
+    """A byte-level LSTM language model: embedding (width / 4), one LSTM layer of `width`, a linear head."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width // 4)
+        self.lstm = nn.LSTM(width // 4, width, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        return self.head(self.lstm(self.tok(idx))[0])

@@ -87,9 +87,10 @@ def find(
       within rounding under vmap (a few ulp over the first steps; training can amplify it later: README) and
       bitwise in the per-candidate loop.
     `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
-    the model per step), or "auto" (default): a timed step of each at set-up (counted in
-    result.timings["forward_choice"]), the loop kept when it is at least 10 % faster (conv nets on CPU), without
-    compile only (compiled, the batched call runs). result.info["forward"] says which ran and what was measured.
+    the model per step), or "auto" (default): the run's first 4 steps measure both (2 batched, then 2 as a loop:
+    a warm-up and a timed step each; their seconds in result.timings["forward_choice"]), and the rest run as a loop
+    when it was at least 10 % faster (conv nets and attention on CPU); eager only (compiled or captured, the batched
+    call runs). result.info["forward"] says which ran and what was measured.
     The two give the same curves to rounding (seeds with dropout: other masks); pass "vmap" or "loop" for results
     that do not depend on a timing.
     A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has.

@@ -64,7 +64,8 @@ class FindOptions:
     tolerance: float = _opt(0.05, "candidates", "grid: the suggestion is the largest LR scoring within this "
                             "(relative) of the best", parse=float)
     forward: str = _opt("auto", "candidates", "how K > 1 candidates run: vmap (one batched call), loop (K calls), "
-                        "auto (whichever a timed step at set-up finds faster)", choices=("auto", "vmap", "loop"))
+                        "auto (both measured on the first steps, the faster runs the rest)",
+                        choices=("auto", "vmap", "loop"))  # fmt: skip
     max_memory: int | None = _opt(None, "candidates", "bytes the candidates of one pass may hold (default: a safe "
                                   "fraction of the free memory)", parse=int)
     val_loader: Any = _opt(None, "validation", "validation batches", cli=None)
@@ -152,8 +153,8 @@ class FindOptions:
                              "device up front) or 'host' (pinned host memory, each step's batch copied "
                              "in)")  # fmt: skip
         if self.forward not in ("auto", "vmap", "loop"):
-            raise ValueError(f"forward={self.forward!r} is not a way to run candidates; use 'auto' (timed at set-up), "
-                             "'vmap' (one batched call) or 'loop' (K calls)")  # fmt: skip
+            raise ValueError(f"forward={self.forward!r} is not a way to run candidates; use 'auto' (measured on the "
+                             "first steps), 'vmap' (one batched call) or 'loop' (K calls)")  # fmt: skip
         if self.like is not None and self.strategy == "grid":
             raise ValueError(f"like={self.like!r} reproduces a peer's range test, which grid (K fixed LRs) is not; "
                              "use strategy='sweep' or 'seeds' with like=, or grid without it")  # fmt: skip

@@ -4,7 +4,6 @@ while it sets up or in its first step), and their typed results, merged over chu
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from lrfast import batches as _batches
 from lrfast.engine import amp, update
 from lrfast.engine.arena import Arena
-from lrfast.engine.forward import Accumulate, BatchedStep, ModuleStep, stackable
+from lrfast.engine.forward import MEASURE, Accumulate, BatchedStep, ModuleStep, slow_under_vmap, stackable
 from lrfast.engine.loop import Outcome, Step, drive_eager, drive_graph
 from lrfast.engine.memory import oom_message
 from lrfast.engine.tracker import Tracker
@@ -169,6 +168,8 @@ class Chunk:
         self.why_loop = "" if self.shared else stackable(flat)
         if o.forward == "loop" and c > 1 and not self.why_loop:
             self.why_loop = "forward='loop'"
+        if o.forward == "auto" and c > 1 and not self.why_loop:
+            self.why_loop = slow_under_vmap(model)
         self.arena = arena
         self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
         inputs, index = self._inputs(c)
@@ -181,12 +182,13 @@ class Chunk:
             ran = drive_graph(self.step, engine.static, self._forward, compile=engine.compile, graphs=engine.graphs,
                               buffers=self._buffers)  # fmt: skip
         else:
-            self.step.forward = self._forward(False)
+            self.step.forward = self._forward(False, auto=o.forward == "auto")
             if self.data.mode == "host":
                 inputs = _batches.Feed(inputs, plan.device)
-            chosen = self._choose(inputs[0])
             ran = drive_eager(self.step, inputs)
-            ran.timings.update(chosen)
+            inner = self.built[-1]
+            if isinstance(inner, BatchedStep) and inner.ms:  # forward="auto": the seconds of its measured steps
+                ran.timings["forward_choice"] = inner.measured_s
         return self._result(tracker, ran, engine.notes + ran.notes)
 
     def _inputs(self, c: int) -> tuple[list, np.ndarray | None]:
@@ -201,26 +203,18 @@ class Chunk:
         # micro-batch m of step t: one per candidate, from that candidate's batch order
         return [[[splits[i][m] for i in orders[:, t]] for m in range(o.accumulate)] for t in range(o.steps)], None
 
-    def _forward(self, compiled: bool):
+    def _forward(self, compiled: bool, auto: bool = False):
+        """The forward of this chunk; `auto`: K > 1 candidates measure vmap and the loop on the first steps (eager
+        driver only: nothing may be timed inside a captured graph)."""
         plan, o, c = self.plan, self.plan.opts, self.arena.k
         if c == 1:
             inner = ModuleStep(plan.model, self.arena, o.loss_fn, o.precision, self.scaler, compile=compiled)
         else:
             inner = BatchedStep(plan.model, self.arena, o.loss_fn, randomness="same" if self.shared else "different",
                                 why_loop=self.why_loop, precision=o.precision, scaler=self.scaler,
-                                compile=compiled)  # fmt: skip
+                                compile=compiled, auto=auto)  # fmt: skip
         self.built.append(inner)
         return Accumulate(inner, self.arena) if o.accumulate > 1 else inner
-
-    def _choose(self, item) -> dict:
-        """forward='auto' with K > 1 candidates: the batched call or the loop, by a timed step of each before the
-        run (engine/forward.BatchedStep.choose); returns its seconds for the timings."""
-        inner = self.built[-1]
-        if self.plan.opts.forward != "auto" or not isinstance(inner, BatchedStep):
-            return {}
-        t0 = time.perf_counter()
-        inner.choose(item if self.plan.opts.accumulate == 1 else item[0])
-        return {"forward_choice": time.perf_counter() - t0}
 
     def _buffers(self) -> list[torch.Tensor]:
         """The mutable non-arena tensors of the forward last built (reset after warm-up)."""
@@ -234,7 +228,10 @@ class Chunk:
             forward = "module (K=1)"
         else:
             forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
-            if inner.mode == "vmap" and inner.choice:
+            if inner.mode == "vmap" and inner.measure:
+                forward += (f": forward='auto' decided nothing: the run ended within its {len(MEASURE)} measured "
+                            "steps")  # fmt: skip
+            elif inner.mode == "vmap" and inner.choice:
                 forward += f": {inner.choice}"
         parts = [forward] + ([f"{o.accumulate} micro-batches per step"] if o.accumulate > 1 else []) + (
             [f"{o.precision} autocast"] if o.precision != "fp32" else []) + (

@@ -1,32 +1,64 @@
 """forward= for K > 1 candidates (issue 19: never slower than K separate runs): "vmap", "loop", or "auto", which
-times a step of each at set-up and keeps the faster. The measurement leaves no trace in the run: the curve of an
-auto run is bitwise the curve of the mode it picked (RNG, BatchNorm buffers and grads put back)."""
+measures both on the run's first steps (the batched call twice, then the loop twice: a warm-up and a timed call of
+each) and runs the rest in the faster. The measured steps are steps of the run, so the measurement costs only the
+slower mode's extra time."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import torch
 from _helpers import make_batches, make_mlp
 
 import lrfast
+from lrfast.engine import forward as F
 
 
-def _find(forward, strategy="grid", **kw):
+def _find(forward, strategy="grid", steps=12, **kw):
     model = make_mlp(batchnorm=True, dropout=0.2)
     kw = {"lrs": [1e-3, 1e-2, 1e-1]} if strategy == "grid" else {"candidates": 3}
-    return lrfast.find(model, make_batches(n=12, batch=16), optimizer="adam", strategy=strategy, steps=12,
+    return lrfast.find(model, make_batches(n=12, batch=16), optimizer="adam", strategy=strategy, steps=steps,
                        forward=forward, progress=False, **kw)  # fmt: skip
 
 
+def _slow_vmap(monkeypatch, seconds=0.05):
+    """The batched call made slower by `seconds` a call, so that auto picks the loop whatever the machine."""
+    run = F.BatchedStep._run
+
+    def slow(self, item):
+        if self.mode == "vmap":
+            time.sleep(seconds)
+        return run(self, item)
+
+    monkeypatch.setattr(F.BatchedStep, "_run", slow)
+
+
 @pytest.mark.parametrize("strategy", ["grid", "seeds"])
-def test_auto_runs_the_mode_it_measured_faster_with_no_trace_of_the_measurement(strategy):
-    auto = _find("auto", strategy)
+def test_auto_measures_on_the_first_steps_then_runs_the_faster_mode(strategy):
+    auto, vm = _find("auto", strategy), _find("vmap", strategy)
     picked = auto.info["forward"].split(" ")[0]
     assert picked in ("vmap", "loop") and "forward='auto' measured" in auto.info["forward"]
-    assert auto.timings["forward_choice"] > 0
-    again = _find(picked, strategy)
-    np.testing.assert_array_equal(auto.losses, again.losses)
-    np.testing.assert_array_equal(auto.smoothed, again.smoothed)
+    assert auto.timings["forward_choice"] > 0 and "forward_choice" not in vm.timings
+    # steps 0 and 1 are the batched call's, from the same state: bitwise the forced vmap run's
+    np.testing.assert_array_equal(auto.losses[:, :2], vm.losses[:, :2])
+    # the rest: the loop's steps 2 and 3, then the faster mode; equal to rounding (a few ulp a step)
+    np.testing.assert_allclose(auto.losses, vm.losses, rtol=1e-5, atol=0)
+
+
+def test_auto_keeps_the_loop_when_the_loop_measured_faster(monkeypatch):
+    _slow_vmap(monkeypatch)
+    auto, lp = _find("auto"), _find("loop")
+    assert auto.info["forward"].startswith("loop (K=3): forward='auto' measured")
+    assert any("forward='vmap' forces the batched call" in n for n in auto.info["notes"])
+    assert auto.timings["forward_choice"] >= 0.1  # the two slowed batched calls are measured steps
+    np.testing.assert_allclose(auto.losses, lp.losses, rtol=1e-5, atol=0)
+
+
+def test_auto_that_runs_out_of_steps_before_deciding_says_so():
+    auto = _find("auto", steps=3)
+    assert "forward='auto' decided nothing: the run ended within its 4 measured steps" in auto.info["forward"]
 
 
 def test_loop_and_vmap_give_the_same_grid_curves_to_rounding():
@@ -34,7 +66,8 @@ def test_loop_and_vmap_give_the_same_grid_curves_to_rounding():
     compute the same sums in other orders (a few ulp a step, over 12 steps of training)."""
     vm, lp = _find("vmap"), _find("loop")
     assert vm.info["forward"] == "vmap (K=3)" and lp.info["forward"] == "loop (K=3): forward='loop'"
-    assert "forward_choice" not in vm.timings
+    note = "the 3 candidates run as a per-candidate loop (K module calls per step): forward='loop'"
+    assert lp.info["notes"][0] == note
     np.testing.assert_allclose(lp.losses, vm.losses, rtol=1e-5, atol=0)
 
 
@@ -53,3 +86,34 @@ def test_the_loop_gives_each_grid_candidate_its_k1_curve_bitwise():
         one = lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
                           strategy="grid", lrs=[lr], steps=12, progress=False)  # fmt: skip
         np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+
+
+class _TinyLSTM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.lstm = torch.nn.Embedding(16, 8), torch.nn.LSTM(8, 12, batch_first=True)
+        self.head = torch.nn.Linear(12, 16)
+
+    def forward(self, idx):
+        return self.head(self.lstm(self.tok(idx))[0][:, -1])
+
+
+def _lstm_find(lrs, forward="auto"):
+    torch.manual_seed(0)
+    model, g = _TinyLSTM(), torch.Generator().manual_seed(1)
+    batches = [(x, x[:, 0]) for x in torch.randint(0, 16, (6, 8, 5), generator=g)]
+    return lrfast.find(model, batches, strategy="grid", lrs=lrs, steps=6, forward=forward, progress=False)
+
+
+def test_auto_runs_recurrent_models_as_a_loop_without_measuring_vmap():
+    """nn.LSTM's fused kernel has no vmap batching rule (vmap would run it once per candidate inside the batched
+    call: 2x slower than the loop measured): auto takes the loop at once, and each candidate is its K = 1 run."""
+    lrs = [1e-3, 1e-2]
+    auto = _lstm_find(lrs)
+    assert auto.info["forward"].startswith("loop (K=2): forward='auto': LSTM has no vmap batching rule")
+    assert "forward_choice" not in auto.timings and "slower" not in auto.info["notes"][0]
+    for k, lr in enumerate(lrs):
+        np.testing.assert_array_equal(auto.losses[k], _lstm_find([lr]).losses[0])
+    forced = _lstm_find(lrs, forward="vmap")
+    assert forced.info["forward"] == "vmap (K=2)"
+    np.testing.assert_allclose(forced.losses, auto.losses, rtol=1e-5, atol=0)

@@ -18,7 +18,6 @@ masks depend on K (seeds: deterministic for a given (seed, K))."""
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import time
 import warnings
@@ -123,7 +122,7 @@ class Accumulate:
 
 class BatchedStep:
     def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = "",
-                 precision: str = "fp32", scaler=None, compile: bool = False):  # fmt: skip
+                 precision: str = "fp32", scaler=None, compile: bool = False, auto: bool = False):  # fmt: skip
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
         self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
@@ -140,31 +139,49 @@ class BatchedStep:
         self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
                                        randomness=randomness))  # fmt: skip
         self._vf_each = None  # one batch per candidate: built at the first call (in_dims follow the batch)
-        self.choice = ""  # forward="auto": what the measurement found (choose)
+        # forward="auto": the run's first calls are the measurement (MEASURE: the mode and whether it is timed); the
+        # faster mode runs the rest. `choice` says what was measured, `measured_s` how long those calls took
+        self.measure = list(MEASURE) if auto and self.mode == "vmap" and not compile else []
+        self.ms: dict[str, float] = {}
+        self.choice, self.measured_s = "", 0.0
+        self._loop_calls = 0
         self._loop_rows: list | None = None
 
-    def choose(self, item, repeats: int = 1) -> dict:
-        """forward="auto": time the batched call and the per-candidate loop on `item` (a warm-up, then the best of
-        `repeats` each), the RNG, buffers and grads put back afterwards, and keep the loop when it is at least 10 %
-        faster (conv nets on CPU, where vmap's convolution and pooling rules lose to K plain calls). Returns the
-        timings (ms per step); a vmap that fails here is left to the first step, which falls back with its note."""
-        if self.mode != "vmap" or self.compile:
-            return {}
-        rng, buffers = capture_rng(), {n: b.clone() for n, b in self.buffers.items()}
-        ms = {}
+    def __call__(self, item) -> torch.Tensor:
+        """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
+        all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
+        self.calls += 1
+        if self.measure:
+            return self._measured(item)
+        return self._run(item)
+
+    def _measured(self, item) -> torch.Tensor:
+        """forward="auto": one of the run's first calls, in the mode MEASURE gives it (the batched call twice, then
+        the loop twice: a warm-up, then a timed call of each). They are steps of the run like any other (grads, RNG
+        and buffers as either mode leaves them), so the measurement costs the run only the slower mode's steps.
+        After the last, the loop is kept when it was at least 10 % faster (conv nets and attention on CPU, where
+        vmap's convolution, pooling and attention rules lose to K plain calls)."""
+        mode, timed = self.measure.pop(0)
+        if self.mode == "loop":  # vmap failed on its first call: the fallback's note says so, nothing to measure
+            self.measure = []
+            return self._run(item)
+        self.mode = mode
+        _sync(self.arena.device)
+        t0 = time.perf_counter()
         try:
-            try:
-                ms["vmap"] = self._time(self._vmap_call, item, repeats)
-            except Exception as e:  # noqa: BLE001 - the real first step meets the same failure and says so
-                if is_oom(e):
-                    raise
-                return {}
-            ms["loop"] = self._time(self._loop, item, repeats)  # its errors are the user's model's: raised
+            loss = self._run(item)
         finally:
-            restore_rng(rng)
-            for n, b in self.buffers.items():
-                b.copy_(buffers[n])
-            self.arena.zero_grad()
+            self.mode = "vmap" if self.mode == mode else self.mode  # a vmap failure left "loop" (and its note)
+        _sync(self.arena.device)
+        self.measured_s += time.perf_counter() - t0
+        if timed:
+            self.ms[mode] = 1e3 * (time.perf_counter() - t0)
+        if not self.measure and self.mode == "vmap":
+            self._pick()
+        return loss
+
+    def _pick(self) -> None:
+        ms = self.ms
         measured = f"measured {ms['loop']:.2f} ms a step as a loop, {ms['vmap']:.2f} ms batched (vmap)"
         if ms["loop"] < 0.9 * ms["vmap"]:
             self.mode, self.why = "loop", f"forward='auto' {measured}"
@@ -172,12 +189,8 @@ class BatchedStep:
                               "forward='vmap' forces the batched call")  # fmt: skip
         else:
             self.choice = f"forward='auto' {measured}"
-        return ms
 
-    def __call__(self, item) -> torch.Tensor:
-        """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
-        all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
-        self.calls += 1
+    def _run(self, item) -> torch.Tensor:
         if self.mode == "vmap":
             rng = capture_rng() if self.calls == 1 else None
             try:
@@ -192,7 +205,7 @@ class BatchedStep:
                 restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
                 loss = self._loop_first(item)
         else:
-            loss = self._loop_first(item) if self.calls == 1 else self._loop(item)
+            loss = self._loop_first(item) if self._loop_calls == 0 else self._loop(item)
         if self.calls == 1:
             check_finite(loss)
         return loss
@@ -237,21 +250,6 @@ class BatchedStep:
         if self.scaler is not None:
             return self.scaler.scale
         return torch.ones(self.arena.k, device=self.arena.device)
-
-    def _time(self, run, item, repeats: int) -> float:
-        """Milliseconds of run(item): the best of `repeats` after a warm-up (batching-rule warnings kept quiet: the
-        first real step notes them)."""
-        best = math.inf
-        with _batchable_attention(self.arena.device), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
-            for i in range(repeats + 1):
-                _sync(self.arena.device)
-                t0 = time.perf_counter()
-                run(item)
-                _sync(self.arena.device)
-                if i:
-                    best = min(best, time.perf_counter() - t0)
-        return 1e3 * best
 
     def _vmap(self, item) -> torch.Tensor:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
@@ -318,6 +316,7 @@ class BatchedStep:
         """K calls of the model itself, as a K = 1 run makes them: candidate k's parameters (.data) and grads (.grad)
         pointed at row k of the arena, its buffers swapped in, backward accumulating straight into the arena (no
         functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent."""
+        self._loop_calls += 1
         self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         losses = []
         # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
@@ -379,10 +378,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _loop_note(k: int, why: str) -> str:
+    if why.startswith("forward="):  # asked for, or auto's choice: its own reason
+        return f"the {k} candidates run as a per-candidate loop (K module calls per step): {why}"
     return (f"the {k} candidates run as a per-candidate loop (K module calls per step, slower than one batched call): "
             f"{why}")
 
 
+# forward="auto": the modes of the run's first calls, and whether the call is the timed one
+MEASURE = (("vmap", False), ("vmap", True), ("loop", False), ("loop", True))
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 
@@ -399,6 +402,19 @@ def _batchable_attention(device: torch.device):
 
 def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
+
+
+def slow_under_vmap(model: nn.Module) -> str:
+    """forward="auto"'s cost model before any measurement: why vmap would lose to the loop on this model ('' when
+    only a measurement can tell). Recurrent layers: their fused kernels (aten::mkldnn_rnn_layer, cuDNN's) have no
+    batching rule, so vmap runs each once per candidate inside the batched call (the char LSTM of bench_candidates:
+    111-126 ms a step batched against 51-54 ms as a loop at K = 4 on the 2-core CPU, and ~2 s for the first
+    batched call in a process)."""
+    rnn = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)), None)
+    if rnn is None:
+        return ""
+    return (f"forward='auto': {rnn} has no vmap batching rule (vmap would run its fused kernel once per candidate "
+            "inside the batched call); forward='vmap' forces the batched call")
 
 
 def stackable(splits: list[Split]) -> str:
