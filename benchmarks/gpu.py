@@ -12,7 +12,8 @@ Stages run in turn, most informative first, so that a run cut short still tells 
 versions incl. NCCL, lrfast.info()), triton (the kernel tests, compiled), capture (the CUDA graph tests: K = 1, grid,
 seeds, under sync-debug "error"), probe (find on the MLP, K = 1 and 8, fp32 and bf16, compile and graphs on and
 off: path, notes, timings, Dynamo graphs, distance to the eager curve), cuda-tests (the other CUDA cases), kernels
-(bandwidth, aligned and unaligned rows), bn (bf16 + BatchNorm), cache (the batches on the device or the host:
+(bandwidth, aligned and unaligned rows), layers (each common layer's K-candidate forward + backward as a loop, under
+vmap and written out batched), bn (bf16 + BatchNorm), cache (the batches on the device or the host:
 peak memory), short (steps = 4, then 3, each in its own process:
 a device-side assert poisons only its process), compare (one process per workload, merged into one compare.csv),
 candidates, readme. Each runs as a subprocess in its own process group, killed at its time budget (BUDGET_S), its
@@ -74,8 +75,9 @@ BUDGET_S = {
     "capture": 30,  # test_graphed: its CPU cases and ~10 CUDA ones, each a small capture
     "probe": 60,  # 13 finds on the MLP, 8 of them compiled (Inductor's cache makes the later ones faster)
     "cuda-tests": 15,  # the other CUDA cases
-    "kernels": 30,  # 6 cases x 7 kernels x 41 rounds of ~4 ms timed, plus set-up: 100M-param randn on the host
-    "bn": 20,  # 2 finds on a small BatchNorm ResNet in bf16, K = 4, one compiled
+    "kernels": 20,  # 6 cases x 7 kernels x 41 rounds of ~4 ms timed, plus set-up: 100M-param randn on the host
+    "layers": 15,  # 9 layers x K = 4, 16 x 3 forms (loop, vmap, explicit), ~1 ms calls: which batched form wins
+    "bn": 15,  # 2 finds on a small BatchNorm ResNet in bf16, K = 4, one compiled
     "cache": 10,  # ResNet-18 K = 1 with cache="device" and "host": peak memory and ms/step
     "short": 30,  # steps = 4 and 3: 2 processes of 2 finds each (CUDA init, one compile each)
     "compare": sum(COMPARE[w][0] for w in WORKLOADS) + RENDER_S,  # 140: the parts above
@@ -217,6 +219,8 @@ def plan(out: Path = RESULTS, wheels: Path | None = None, install: bool = True, 
 
     kernels = [PY, "-m", "benchmarks.bench_kernels", *device, "--out", str(out)]
     stages.append(Stage("kernels", [part("kernels", kernels, BUDGET_S["kernels"])]))
+    layers = [PY, "-m", "benchmarks.bench_layers", *device, "--out", str(out)]
+    stages.append(Stage("layers", [part("layers", layers, BUDGET_S["layers"])]))
     stages.append(Stage("bn", [part("bn", [*probe, "bn", *device, "--out", str(out)], BUDGET_S["bn"])]))
     stages.append(Stage("cache", [part("cache", [*probe, "cache", *device, "--out", str(out)], BUDGET_S["cache"])]))
     stages.append(Stage("short", [

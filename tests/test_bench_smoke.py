@@ -149,3 +149,23 @@ def test_rangetest_quick_run_writes_both_contestants_per_workload(tmp_path):
         (w, c) for w in ("mlp", "lenet") for c in ("loop", "loop + RangeTest")]
     assert all(float(r["ms_per_step"]) > 0 and math.isfinite(float(r["overhead_pct"])) for r in rows)
     assert "| mlp | loop + RangeTest |" in (tmp_path / "rangetest.md").read_text()
+
+
+def test_layers_forms_compute_the_same_grads_and_a_quick_run_writes_its_table(tmp_path):
+    """bench_layers times three forms of each layer's K-candidate forward + backward: they must compute the same
+    thing (the grads of every candidate's parameters and per-candidate input), or the timings compare different
+    work. They sum in other orders: float32 sums of up to 6,400 terms (a conv weight's grad over 64 x 10 x 10
+    positions) differ by ~sqrt(6400) x 2^-24 ~ 5e-6 of the largest term, so 5e-5 of the largest grad bounds it."""
+    from benchmarks import bench_layers
+
+    for case in bench_layers.cases(3):
+        fns = bench_layers.forms(case, 3, "cpu")
+        ref = fns["loop"]()
+        assert len(ref) == len(case.shapes) + (0 if case.shared else 1)
+        for name in ("vmap", "explicit"):
+            for r, g in zip(ref, fns[name]()):
+                torch.testing.assert_close(g, r, rtol=0, atol=5e-5 * float(r.abs().max()), msg=f"{case.name}: {name}")
+    assert bench_layers.main(["--ks", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    _, rows = _read(tmp_path / "layers.csv")
+    assert len(rows) == len(bench_layers.cases(2)) and all(float(r["ms_vmap"]) > 0 for r in rows)
+    assert "Generated from layers.csv" in (tmp_path / "layers.md").read_text()

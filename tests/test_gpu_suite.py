@@ -21,8 +21,8 @@ except ImportError:  # pytest run from elsewhere: the repo root holds benchmarks
     from benchmarks import gpu
 
 # most informative first (issue 16): versions, the kernel and capture tests, the find probes, then the benchmarks
-STAGES = ["wheels", "install", "env", "triton", "capture", "probe", "cuda-tests", "kernels", "bn", "cache", "short",
-          "compare", "candidates", "readme"]  # fmt: skip
+STAGES = ["wheels", "install", "env", "triton", "capture", "probe", "cuda-tests", "kernels", "layers", "bn", "cache",
+          "short", "compare", "candidates", "readme"]  # fmt: skip
 PY = sys.executable
 
 
@@ -62,6 +62,7 @@ def test_the_gpu_plan_runs_every_stage_on_cuda_into_results_cuda_within_8_minute
         assert p.timeout_s == gpu.COMPARE[p.label][0]
     assert _argv(stages, "compare", "render") == [PY, "-m", "benchmarks.compare", "--render", f"{out}/compare.csv"]
     assert _argv(stages, "kernels") == [PY, "-m", "benchmarks.bench_kernels", "--device", "cuda", "--out", out]
+    assert _argv(stages, "layers") == [PY, "-m", "benchmarks.bench_layers", "--device", "cuda", "--out", out]
     assert _argv(stages, "candidates") == [PY, "-m", "benchmarks.bench_candidates", "--device", "cuda",
                                            *gpu.CANDIDATES, "--out", out]  # fmt: skip
     assert _argv(stages, "readme") == [PY, "-m", "benchmarks.readme"]  # rewrites README.md
@@ -84,18 +85,18 @@ def test_the_plan_takes_wheels_no_install_other_results_and_workloads(tmp_path):
 
 
 def test_every_flag_of_the_plan_is_one_its_benchmark_module_takes(capsys):
-    from benchmarks import bench_candidates, bench_kernels, compare, contestants, probe, workloads
+    from benchmarks import bench_candidates, bench_kernels, bench_layers, compare, contestants, probe, workloads
 
     helps = {}
-    for module in (compare, bench_kernels, bench_candidates, probe):
+    for module in (compare, bench_kernels, bench_layers, bench_candidates, probe):
         with pytest.raises(SystemExit):
             module.main(["--help"])
         helps[module.__name__] = capsys.readouterr().out
     for dry in (False, True):
         stages = gpu.plan(dry=dry, workloads=tuple(gpu.COMPARE))
         parts = [p for s in stages for p in s.parts if p.argv[1] == "-m" and p.argv[2] in helps]
-        # the workloads, the render, kernels, candidates, the 5 probes
-        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 3 + 5
+        # the workloads, the render, kernels, layers, candidates, the 5 probes
+        assert len(parts) == (1 if dry else len(gpu.COMPARE)) + 4 + 5
         for part in parts:
             for flag in (a for a in part.argv if a.startswith("--")):
                 assert re.search(rf"{flag}\b", helps[part.argv[2]]), (flag, part.argv[2])
@@ -195,6 +196,7 @@ def test_dry_run_prints_the_plan_and_runs_every_stage_cpu_sized_into_out(tmp_pat
 
     for name in ("compare", "kernels", "candidates"):
         assert all((out / f"{name}.{ext}").stat().st_size > 0 for ext in ("csv", "md", "png")), name
+    assert all((out / f"layers.{ext}").stat().st_size > 0 for ext in ("csv", "md"))
     assert "| mlp | lrfast |" in (out / "logs" / "readme.log").read_text()
     for name in ("triton", "capture", "cuda-tests"):
         assert "collected" in (out / "logs" / f"{name}.log").read_text() and (out / f"tests-{name}.xml").exists()
