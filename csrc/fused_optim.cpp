@@ -49,8 +49,10 @@ namespace {
 // per call and joined: no second OpenMP pool beside torch's, nothing spinning between steps when other jobs share
 // the cores (libgomp's workers spin after a region: with it, K = 1 on the digits MLP went 0.64x -> 1.17x of a bare
 // torch loop's step when two other jobs shared the 2 cores), and nothing to go wrong across fork() (DataLoader
-// workers). A thread costs ~20-40 us to start and join here, so only large steps split (see kMinElementsPerThread).
-constexpr int64_t kMinElementsPerThread = 1 << 17;
+// workers). A thread costs ~20-40 us to start and join here, and the step is memory-bound: on the 2-core machines a
+// second thread measured slower below ~400k elements (AdamW, 300k: 120-148 us on 1 thread, 193-220 us on 2), even
+// at 600k, and faster from ~1M (1.2M: 516-811 vs 395-552 us). So a thread takes at least 2^19 elements.
+constexpr int64_t kMinElementsPerThread = 1 << 19;
 std::atomic<int> g_last_threads{0};  // threads of the last step that had work (tests: torch's thread count governs)
 // Thread ranges start on a multiple of 16 floats (64 B) of the flattened [active rows, N] space.
 constexpr int64_t kAlignElements = 16;

@@ -322,11 +322,11 @@ def test_backend_says_why_it_is_not_cpp():
 
 
 @pytest.mark.parametrize("opt", ["sgd_nesterov", "adamw"])
-@pytest.mark.parametrize("k, n", [(1, 300_007), (3, 150_001), (16, 40_009)])
+@pytest.mark.parametrize("k, n", [(1, 1_200_007), (3, 600_001), (16, 160_009)])
 def test_threaded_split_equals_one_thread(opt, k, n):
     """The C++ kernels split the live rows' elements over threads (cut mid-row, frozen rows left out): with 2
     threads every element must be updated exactly once, i.e. bitwise as with 1 thread. The sizes give each of 2
-    threads more than the 2^17 elements a thread needs (8 live rows x 40,009 = 320,072)."""
+    threads more than the 2^19 elements a thread needs (8 live rows x 160,009 = 1,280,072)."""
     if cpu.BACKEND != "cpp":
         pytest.skip(f"C++ kernels not available: {cpu.WHY}")
     gen = torch.Generator().manual_seed(11)
@@ -355,11 +355,11 @@ def test_threaded_split_equals_one_thread(opt, k, n):
 @pytest.mark.parametrize("torch_threads", [1, 2, 3])
 def test_cpu_kernel_threads_follow_torch_num_threads(torch_threads):
     """lrfast._C runs no thread pool of its own: a large step takes torch.get_num_threads() threads (each with at
-    least 2^17 elements), a small one a single thread, so torch.set_num_threads(1) governs lrfast too."""
+    least 2^19 elements), a small one a single thread, so torch.set_num_threads(1) governs lrfast too."""
     if cpu.BACKEND != "cpp":
         pytest.skip(f"C++ kernels not available: {cpu.WHY}")
     hp = AdamParams(weight_decay=0.01, decoupled=True)
-    for n, want in ((1 << 20, torch_threads), (1000, 1), (3 << 17, min(torch_threads, 3))):
+    for n, want in ((3 << 19, torch_threads), (1000, 1), (1 << 20, min(torch_threads, 2)), (300_000, 1)):
         p, g, m, v = torch.zeros(1, n), torch.ones(1, n), torch.zeros(1, n), torch.zeros(1, n)
         torch.set_num_threads(torch_threads)
         try:
