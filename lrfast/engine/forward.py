@@ -6,9 +6,11 @@ candidates can run:
 - K > 1 (BatchedStep): the model called with its parameter slots holding the arena's stacked parameter views
   [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the grads are
   copied into the arena. Where vmap cannot serve a model (data-dependent control flow, .item(), unstackable
-  batches...) a per-candidate loop runs instead; `mode`, `why` and `notes` say which ran and why. The user's
-  model is never written: its parameters and buffers are only swapped for the call (state.Slots: every alias, put
-  back also on an exception).
+  batches...) a per-candidate loop runs instead (K calls of the model itself, candidate k's parameters and grads
+  pointed at row k of the arena); forward="auto" times both on the run's first steps (MEASURE) and keeps the faster,
+  and recurrent models take the loop at once (slow_under_vmap); `mode`, `why` and `notes` say which ran and why.
+  The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
+  alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
 
 Randomness (dropout) with K > 1: "same" gives every candidate the same masks at a step (grid: a candidate's curve
