@@ -147,7 +147,9 @@ class BatchedStep:
         self.ms: dict[str, float] = {}
         self.choice, self.measured_s = "", 0.0
         self._loop_calls = 0
-        self._loop_rows: list | None = None
+        self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
+        self._loop_buffers: list[dict] = []
+        self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -204,6 +206,7 @@ class BatchedStep:
                 self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line(e)}"
                 self.notes.append(_loop_note(self.arena.k, self.why))
                 self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
+                self._loop_rows = None  # the loop's buffer views are of the new clones
                 restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
                 loss = self._loop_first(item)
         else:
@@ -326,7 +329,8 @@ class BatchedStep:
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         state = _rng_state(device) if rewind else None
-        rows = self._rows()
+        rows, buffers = self._rows(), self._loop_buffers
+        check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
         try:
             for k in range(self.arena.k):
                 if rewind and k:
@@ -334,27 +338,34 @@ class BatchedStep:
                 split = item[k] if isinstance(item, list) else item
                 for p, data, grads in rows:
                     p.data, p.grad = data[k], grads[k]
-                buffers = {n: b[k] for n, b in self.buffers.items()}
                 with autocast(device, self.precision):
-                    out = self._call({}, buffers, split.args, split.kwargs)
+                    if buffers:
+                        out = self._call({}, buffers[k], split.args, split.kwargs)
+                    else:  # nothing to swap: the model itself, as a K = 1 run calls it
+                        out = self.model(*split.args, **split.kwargs)
                     if self.loss_f is None:
                         self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
                     loss = self.loss_f(out, split)
                 check_scalar(loss)
-                scale = 1.0 if self.scaler is None else self.scaler.scale[k]
-                (loss.reshape(()).float() * scale).backward()
-                for p, _, grads in rows:
-                    if p.grad is not None and p.grad is not grads[k]:  # autograd replaced the preset view
-                        grads[k].copy_(p.grad)
-                losses.append(loss.detach().float().reshape(()))
+                loss = loss.reshape(())
+                (loss.float() if self.scaler is None else loss.float() * self.scaler.scale[k]).backward()
+                if check or self._copy_grads:
+                    for p, _, grads in rows:
+                        if p.grad is not None and p.grad is not grads[k]:  # autograd replaced the preset view
+                            grads[k].copy_(p.grad)
+                            self._copy_grads = True
+                losses.append(loss.detach())
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
-        return torch.stack(losses)
+        return torch.stack(losses).float()
 
     def _rows(self) -> list:
-        """[(parameter, its view in each candidate's row, its grad view in each row)], made once."""
+        """[(parameter, its view in each candidate's row, its grad view in each row)], made once, with each
+        candidate's buffers by name (self._loop_buffers)."""
         if self._loop_rows is None:
+            self._loop_buffers = [{n: b[k] for n, b in self.buffers.items()} for k in range(self.arena.k)]
+            self._loop_buffers = self._loop_buffers if self.buffers else []
             self._loop_rows = []
             for seg in self.arena.segments:
                 data = [seg.views(seg.p, j) for j in range(self.arena.k)]  # per candidate: every parameter's view
