@@ -177,9 +177,10 @@ class BatchedStep:
         finally:
             self.mode = "vmap" if self.mode == mode else self.mode  # a vmap failure left "loop" (and its note)
         _sync(self.arena.device)
-        self.measured_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.measured_s += seconds
         if timed:
-            self.ms[mode] = 1e3 * (time.perf_counter() - t0)
+            self.ms[mode] = 1e3 * seconds
         if not self.measure and self.mode == "vmap":
             self._pick()
         return loss
@@ -364,8 +365,8 @@ class BatchedStep:
         """[(parameter, its view in each candidate's row, its grad view in each row)], made once, with each
         candidate's buffers by name (self._loop_buffers)."""
         if self._loop_rows is None:
-            self._loop_buffers = [{n: b[k] for n, b in self.buffers.items()} for k in range(self.arena.k)]
-            self._loop_buffers = self._loop_buffers if self.buffers else []
+            self._loop_buffers = ([{n: b[k] for n, b in self.buffers.items()} for k in range(self.arena.k)]
+                                  if self.buffers else [])  # fmt: skip
             self._loop_rows = []
             for seg in self.arena.segments:
                 data = [seg.views(seg.p, j) for j in range(self.arena.k)]  # per candidate: every parameter's view
