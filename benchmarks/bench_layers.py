@@ -2,8 +2,8 @@
 the shapes of bench_candidates' workloads, forward + backward of K candidates three ways:
 
 - loop: K plain calls (what forward="loop" runs, and what K separate runs compute);
-- vmap: one `torch.func.vmap(grad(...))` call over stacked parameters (what the batched call runs; CPU attention on
-  its math kernel, as lrfast routes it);
+- vmap: the forward vmapped over stacked parameters, then one autograd backward through the batched ops (what the
+  eager batched call runs; CPU attention on its math kernel, as lrfast routes it);
 - explicit: the batched form written out: on a shared input one wide GEMM / one convolution with K x out-channels,
   on per-candidate inputs bmm / one grouped convolution (groups=K), pooling and normalization with K folded into
   the batch or channel dim, attention with K folded into the batch (the fused kernel);
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, vmap
+from torch.func import vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import report
@@ -128,15 +128,12 @@ def forms(case: Case, K: int, device: str) -> dict[str, Callable]:
             out.append(torch.autograd.grad(case.f(ps, xk), ps + ([] if case.shared else [xk]), gout[k]))
         return [torch.stack(g) for g in zip(*out)]
 
-    def loss(ps, xk, gk):
-        return (case.f(ps, xk) * gk).sum()
-
-    vg = vmap(grad(loss, argnums=(0,) if case.shared else (0, 1)), in_dims=(0, None if case.shared else 0, 0))
+    vf = vmap(case.f, in_dims=(0, None if case.shared else 0))
 
     def vmapped():
         with _batchable_attention(torch.device(device)):
-            g = vg(P, x, gout)
-        return list(g[0]) + ([] if case.shared else [g[1]])
+            out = vf(leaves, xin)
+        return list(torch.autograd.grad(out, wrt, gout))
 
     def explicit():
         return list(torch.autograd.grad(case.batched(leaves, xin), wrt, gout))

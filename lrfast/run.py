@@ -12,7 +12,7 @@ import torch
 from lrfast import batches as _batches
 from lrfast.engine import amp, update
 from lrfast.engine.arena import Arena
-from lrfast.engine.forward import MEASURE, Accumulate, BatchedStep, ModuleStep, slow_under_vmap, stackable
+from lrfast.engine.forward import MEASURE, Accumulate, BatchedStep, ModuleStep, stackable, unbatchable
 from lrfast.engine.loop import Outcome, Step, drive_eager, drive_graph
 from lrfast.engine.memory import oom_message
 from lrfast.engine.tracker import Tracker
@@ -169,7 +169,7 @@ class Chunk:
         if o.forward == "loop" and c > 1 and not self.why_loop:
             self.why_loop = "forward='loop'"
         if o.forward == "auto" and c > 1 and not self.why_loop:
-            self.why_loop = slow_under_vmap(model)
+            self.why_loop = unbatchable(model)
         self.arena = arena
         self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
         inputs, index = self._inputs(c)

@@ -105,9 +105,10 @@ def _lstm_find(lrs, forward="auto"):
     return lrfast.find(model, batches, strategy="grid", lrs=lrs, steps=6, forward=forward, progress=False)
 
 
-def test_auto_runs_recurrent_models_as_a_loop_without_measuring_vmap():
-    """nn.LSTM's fused kernel has no vmap batching rule (vmap would run it once per candidate inside the batched
-    call: 2x slower than the loop measured): auto takes the loop at once, and each candidate is its K = 1 run."""
+def test_auto_runs_recurrent_models_as_a_loop_without_trying_vmap():
+    """aten::lstm has no vmap batching rule and no per-candidate fallback (it takes a list of weights): auto takes the
+    loop at once, and each candidate is its K = 1 run; forced vmap fails on its first step and falls back to the same
+    loop, its note naming the op."""
     lrs = [1e-3, 1e-2]
     auto = _lstm_find(lrs)
     assert auto.info["forward"].startswith("loop (K=2): forward='auto': LSTM has no vmap batching rule")
@@ -115,5 +116,6 @@ def test_auto_runs_recurrent_models_as_a_loop_without_measuring_vmap():
     for k, lr in enumerate(lrs):
         np.testing.assert_array_equal(auto.losses[k], _lstm_find([lr]).losses[0])
     forced = _lstm_find(lrs, forward="vmap")
-    assert forced.info["forward"] == "vmap (K=2)"
-    np.testing.assert_allclose(forced.losses, auto.losses, rtol=1e-5, atol=0)
+    assert forced.info["forward"].startswith("loop (K=2): vmap failed on the first step: RuntimeError: Batching rule "
+                                             "not implemented for aten::lstm")  # fmt: skip
+    np.testing.assert_array_equal(forced.losses, auto.losses)

@@ -4,11 +4,12 @@ candidates can run:
 - K = 1 (ModuleStep): the model itself, its parameters pointing into the arena's row 0 and its .grad into the
   arena's flat grad buffer, so backward accumulates straight into the buffer the fused kernel reads (no gather).
 - K > 1 (BatchedStep): the model called with its parameter slots holding the arena's stacked parameter views
-  [K, *shape], vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape]; the grads are
-  copied into the arena. Where vmap cannot serve a model (data-dependent control flow, .item(), unstackable
-  batches...) a per-candidate loop runs instead (K calls of the model itself, candidate k's parameters and grads
-  pointed at row k of the arena); forward="auto" times both on the run's first steps (MEASURE) and keeps the faster,
-  and recurrent models take the loop at once (slow_under_vmap); `mode`, `why` and `notes` say which ran and why.
+  [K, *shape] (autograd leaves), vmapped, with per-candidate buffer clones (BatchNorm running stats) [K, *shape];
+  one autograd backward of the K losses' sum, the grads copied into the arena. Where vmap cannot serve a model
+  (data-dependent control flow, .item(), unstackable batches, recurrent layers...) a per-candidate loop runs
+  instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
+  forward="auto" times both on the run's first steps (MEASURE) and keeps the faster, and recurrent models take the
+  loop at once (unbatchable); `mode`, `why` and `notes` say which ran and why.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
@@ -26,7 +27,7 @@ import warnings
 
 import torch
 from torch import nn
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from lrfast.batches import Split, stack, stack_difference
@@ -138,9 +139,10 @@ class BatchedStep:
         self.notes = [_loop_note(arena.k, why_loop)] if why_loop else []
         self.calls = 0
         self.compile = compile
-        self._vf = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, None, None, None, 0),
-                                       randomness=randomness))  # fmt: skip
-        self._vf_each = None  # one batch per candidate: built at the first call (in_dims follow the batch)
+        self._vf: dict[bool, object] = {}  # _batched(): the vmapped step per batch kind (shared / one per candidate)
+        # autograd leaves over the stacked parameter views (the arena's storage): the batched loss is differentiated
+        # with respect to them
+        self.leaves = [v.detach().requires_grad_() for v in self.p]
         # forward="auto": the run's first calls are the measurement (MEASURE: the mode and whether it is timed); the
         # faster mode runs the rest. `choice` says what was measured, `measured_s` how long those calls took
         self.measure = list(MEASURE) if auto and self.mode == "vmap" and not compile else []
@@ -248,15 +250,6 @@ class BatchedStep:
         """The model with these parameters and buffers (by name) in every slot that holds them."""
         return self.slots.call(self.model, params, buffers, args, kwargs)
 
-    def _scaled_loss(self, params, buffers, args, kwargs, target, scale) -> torch.Tensor:
-        """The loss times the candidate's fp16 loss scale (1 without one): a power of two, so loss / scale is exact."""
-        return self._loss(params, buffers, args, kwargs, target) * scale
-
-    def _scales(self) -> torch.Tensor:
-        if self.scaler is not None:
-            return self.scaler.scale
-        return torch.ones(self.arena.k, device=self.arena.device)
-
     def _vmap(self, item) -> torch.Tensor:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
         (each such op runs once per candidate inside the batched step: a slow path); later calls silence them."""
@@ -295,21 +288,37 @@ class BatchedStep:
         self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
 
     def _vmap_call(self, item) -> torch.Tensor:
+        """One batched step: the forward vmapped over the candidates (compiled with compile=True, as ModuleStep
+        compiles the model), then plain autograd backward through the batched ops it ran, the grads copied into the
+        arena. No functorch grad transform (vmap(grad_and_value)): its first call in a process imports
+        torch._dynamo (~1.5-2 s on the 2-core CPU) and its backward runs through the batching rules again, recording
+        a differentiable graph (measured per step on the 2-core CPU: LeNet-5 K = 16 168 ms against 141 ms here)."""
         if self.compile and self.loss_f is None:
             self._resolve_loss_eagerly(item)
-        params = dict(zip(self.names, self.p))
-        if isinstance(item, list):  # one batch per candidate: stacked [K, ...], vmapped too
-            s = stack(item)
-            if self._vf_each is None:
-                dims = pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None,
-                                       (s.args, s.kwargs, s.target))  # fmt: skip
-                self._vf_each = self._compiled(vmap(grad_and_value(self._scaled_loss), in_dims=(0, 0, *dims, 0),
-                                                    randomness=self.randomness))  # fmt: skip
-            grads, loss = self._vf_each(params, self.buffers, s.args, s.kwargs, s.target, self._scales())
-        else:
-            grads, loss = self._vf(params, self.buffers, item.args, item.kwargs, item.target, self._scales())
-        torch._foreach_copy_(self.g, [grads[n] for n in self.names])
-        return loss.detach() / self._scales()
+        each = isinstance(item, list)  # one batch per candidate: stacked [K, ...], vmapped too
+        s = stack(item) if each else item
+        loss = self._batched(s, each)(dict(zip(self.names, self.leaves)), self.buffers, s.args, s.kwargs, s.target)
+        if loss.dim() != 1:
+            check_scalar(loss[0])
+        total = (loss if self.scaler is None else loss * self.scaler.scale).sum()  # candidate k's grad: row k's
+        grads = (torch.autograd.grad(total, self.leaves, allow_unused=True) if total.requires_grad
+                 else [None] * len(self.leaves))  # fmt: skip
+        used = [(g, grad) for g, grad in zip(self.g, grads) if grad is not None]
+        for g, grad in zip(self.g, grads):
+            if grad is None:  # a parameter the loss does not use: zero, as for the loop's zeroed grads
+                g.zero_()
+        if used:
+            torch._foreach_copy_(*map(list, zip(*used)))
+        return loss.detach()
+
+    def _batched(self, s: Split, each: bool):
+        """The vmapped loss for this kind of batch, made at its first call (one batch per candidate: in_dims follow
+        the batch's tensors)."""
+        if each not in self._vf:
+            dims = (pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, (s.args, s.kwargs, s.target))
+                    if each else (None, None, None))  # fmt: skip
+            self._vf[each] = self._compiled(vmap(self._loss, in_dims=(0, 0, *dims), randomness=self.randomness))
+        return self._vf[each]
 
     def _compiled(self, f):
         return torch.compile(f, dynamic=False) if self.compile else f
@@ -418,17 +427,17 @@ def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
 
 
-def slow_under_vmap(model: nn.Module) -> str:
-    """forward="auto"'s cost model before any measurement: why vmap would lose to the loop on this model ('' when
-    only a measurement can tell). Recurrent layers: their fused kernels (aten::mkldnn_rnn_layer, cuDNN's) have no
-    batching rule, so vmap runs each once per candidate inside the batched call (the char LSTM of bench_candidates:
-    111-126 ms a step batched against 51-54 ms as a loop at K = 4 on the 2-core CPU, and ~2 s for the first
-    batched call in a process)."""
+def unbatchable(model: nn.Module) -> str:
+    """forward="auto"'s cost model before any measurement: why the batched call cannot serve this model ('' when
+    only a measurement can tell). Recurrent layers: aten::lstm / gru / rnn_tanh have no vmap batching rule and, as
+    they take a list of weights, no per-candidate fallback either, so the batched call would fail on its first step
+    (under a functorch grad transform they decompose into per-candidate kernels instead: the char LSTM of
+    bench_candidates took 111-126 ms a step batched against 51-54 ms as a loop at K = 4 on the 2-core CPU)."""
     rnn = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)), None)
     if rnn is None:
         return ""
-    return (f"forward='auto': {rnn} has no vmap batching rule (vmap would run its fused kernel once per candidate "
-            "inside the batched call); forward='vmap' forces the batched call")
+    return (f"forward='auto': {rnn} has no vmap batching rule (the batched call would fail on its first step, "
+            "its fused kernel taking a list of weights)")
 
 
 def stackable(splits: list[Split]) -> str:
