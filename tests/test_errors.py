@@ -58,6 +58,9 @@ CASES = {
     "loss_fn_not_callable": (make_mlp, BATCHES, {"loss_fn": "mse"}, TypeError, ["loss_fn=str", "callable"]),
     "loss_not_scalar": (make_mlp, BATCHES, {"loss_fn": lambda o, y: o.sum(1)}, ValueError,
                         ["loss_fn", "scalar", "(16,)", "mean"]),  # fmt: skip
+    "loss_not_scalar_batched": (make_mlp, BATCHES, {"loss_fn": lambda o, y: o.sum(1), "strategy": "grid",
+                                                    "candidates": 3, "forward": "vmap"}, ValueError,
+                                ["loss_fn", "scalar", "(16,)", "mean"]),  # fmt: skip
     "loss_nan_at_first_step": (make_mlp, [(torch.full((16, 8), float("nan")), torch.zeros(16, dtype=torch.long))],
                                {}, ValueError, ["first step", "model or the data is broken"]),  # fmt: skip
     "targets_out_of_range": (make_mlp, make_batches(classes=7), {}, ValueError,

@@ -5,6 +5,8 @@ slower mode's extra time."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -119,3 +121,40 @@ def test_auto_runs_recurrent_models_as_a_loop_without_trying_vmap():
     assert forced.info["forward"].startswith("loop (K=2): vmap failed on the first step: RuntimeError: Batching rule "
                                              "not implemented for aten::lstm")  # fmt: skip
     np.testing.assert_array_equal(forced.losses, auto.losses)
+
+
+class _Unused(torch.nn.Module):
+    """A parameter the loss never reaches (a head kept for later): the batched backward gives it no grad."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.spare = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_the_loss_does_not_use_stays_batched_and_untouched():
+    """Its grad is zero in every candidate's row (as the loop's zeroed grads), so Adam leaves it as it was and the
+    batched call stays batched; the curves are the loop's to rounding."""
+    runs = {fw: lrfast.find(_Unused(), make_batches(n=6), optimizer="adam", strategy="grid", lrs=[1e-3, 1e-1],
+                            steps=6, forward=fw, progress=False) for fw in ("vmap", "loop")}  # fmt: skip
+    assert runs["vmap"].info["forward"] == "vmap (K=2)", runs["vmap"].info["notes"]
+    np.testing.assert_allclose(runs["vmap"].losses, runs["loop"].losses, rtol=1e-5, atol=0)
+
+
+def test_a_batched_run_in_a_fresh_process_does_not_import_dynamo():
+    """The batched call is vmap of the forward plus plain autograd: a K > 1 run in a fresh process leaves
+    torch._dynamo unimported (the functorch grad transform's first call imported it: ~1.5-2 s on the 2-core CPU)."""
+    code = (
+        "import sys, torch, lrfast\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+        "b = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(4)]\n"
+        "r = lrfast.find(m, b, strategy='grid', candidates=2, steps=4, forward='vmap', progress=False)\n"
+        "assert r.info['forward'] == 'vmap (K=2)', r.info['forward']\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
