@@ -87,10 +87,11 @@ def find(
       within rounding under vmap (a few ulp over the first steps; training can amplify it later: README) and
       bitwise in the per-candidate loop.
     `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
-    the model per step), or "auto" (default): the run's first 4 steps measure both (2 batched, then 2 as a loop:
-    a warm-up and a timed step each; their seconds in result.timings["forward_choice"]), and the rest run as a loop
-    when it was at least 10 % faster (conv nets and attention on CPU); eager only (compiled or captured, the batched
-    call runs). result.info["forward"] says which ran and what was measured.
+    the model per step), or "auto" (default): the run's first steps measure both (a warm-up step of each, then a
+    timed step of each, interleaved, and one more timed pair when the two are within 1.25x; their seconds in
+    result.timings["forward_choice"]), and the batched call is kept only when it measured faster, else the rest run
+    as a loop (conv nets and attention on CPU), which runs each candidate at the K = 1 step's speed; eager only
+    (compiled or captured, the batched call runs). result.info["forward"] says which ran and what was measured.
     The two give the same curves to rounding (seeds with dropout: other masks); pass "vmap" or "loop" for results
     that do not depend on a timing.
     A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has.

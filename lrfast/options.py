@@ -64,7 +64,7 @@ class FindOptions:
     tolerance: float = _opt(0.05, "candidates", "grid: the suggestion is the largest LR scoring within this "
                             "(relative) of the best", parse=float)
     forward: str = _opt("auto", "candidates", "how K > 1 candidates run: vmap (one batched call), loop (K calls), "
-                        "auto (both measured on the first steps, the faster runs the rest)",
+                        "auto (both measured on the first steps; vmap runs the rest only where it measured faster)",
                         choices=("auto", "vmap", "loop"))  # fmt: skip
     max_memory: int | None = _opt(None, "candidates", "bytes the candidates of one pass may hold (default: a safe "
                                   "fraction of the free memory)", parse=int)

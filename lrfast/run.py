@@ -229,8 +229,8 @@ class Chunk:
         else:
             forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
             if inner.mode == "vmap" and inner.measure:
-                forward += (f": forward='auto' decided nothing: the run ended within its {len(MEASURE)} measured "
-                            "steps")  # fmt: skip
+                forward += (f": forward='auto' decided nothing: the run ended within its measured steps (the "
+                            f"first {len(MEASURE)}, or {len(MEASURE) + 2} when the two modes measure close)")
             elif inner.mode == "vmap" and inner.choice:
                 forward += f": {inner.choice}"
         parts = [forward] + ([f"{o.accumulate} micro-batches per step"] if o.accumulate > 1 else []) + (

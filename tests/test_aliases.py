@@ -120,8 +120,8 @@ def test_find_restores_aliases_by_identity_after_an_error_mid_run(make):
             raise RuntimeError("boom")
         return nn.functional.cross_entropy(out, y)
 
-    # K = 2: call 7 is step 5's, past forward="auto"'s 4 measured steps (2 batched calls, then 2 x 2 in the loop),
-    # in whichever mode it picked
+    # K = 2: call 7 comes after forward="auto"'s first timed pair (steps 0-3: batched 1 loss call, loop 2, batched
+    # 1, loop 2), in whichever mode it measures or picked next
     for kwargs, fail in ((dict(), 4), (dict(strategy="grid", candidates=2), 7)):
         calls["n"], calls["fail"] = 0, fail
         with pytest.raises(RuntimeError, match="boom"):

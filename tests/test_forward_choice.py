@@ -1,13 +1,14 @@
 """forward= for K > 1 candidates (issue 19: never slower than K separate runs): "vmap", "loop", or "auto", which
-measures both on the run's first steps (the batched call twice, then the loop twice: a warm-up and a timed call of
-each) and runs the rest in the faster. The measured steps are steps of the run, so the measurement costs only the
-slower mode's extra time."""
+measures both on the run's first steps (a warm-up of each, then a timed call of each, interleaved, and one more
+timed pair when the first is close) and keeps the batched call only where it measured faster than the loop. The
+measured steps are steps of the run, so the measurement costs only the slower mode's extra time."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -37,15 +38,31 @@ def _slow_vmap(monkeypatch, seconds=0.05):
     monkeypatch.setattr(F.BatchedStep, "_run", slow)
 
 
+def _fake_clock(monkeypatch, ms: dict):
+    """auto's clock advanced by ms[mode] milliseconds a call of that mode (and by nothing else), so that what auto
+    measures is exactly `ms`, whatever the machine (exact fractions: equal calls measure equal); returns the modes of
+    the calls, in order."""
+    now, modes, run = [Fraction(0)], [], F.BatchedStep._run
+
+    def timed(self, item):
+        modes.append(self.mode)
+        now[0] += Fraction(ms[self.mode]) / 1000
+        return run(self, item)
+
+    monkeypatch.setattr(F.BatchedStep, "_run", timed)
+    monkeypatch.setattr(F, "_clock", lambda: now[0])
+    return modes
+
+
 @pytest.mark.parametrize("strategy", ["grid", "seeds"])
 def test_auto_measures_on_the_first_steps_then_runs_the_faster_mode(strategy):
     auto, vm = _find("auto", strategy), _find("vmap", strategy)
     picked = auto.info["forward"].split(" ")[0]
     assert picked in ("vmap", "loop") and "forward='auto' measured" in auto.info["forward"]
     assert auto.timings["forward_choice"] > 0 and "forward_choice" not in vm.timings
-    # steps 0 and 1 are the batched call's, from the same state: bitwise the forced vmap run's
-    np.testing.assert_array_equal(auto.losses[:, :2], vm.losses[:, :2])
-    # the rest: the loop's steps 2 and 3, then the faster mode; equal to rounding (a few ulp a step)
+    # step 0 is the batched call's, from the same state: bitwise the forced vmap run's
+    np.testing.assert_array_equal(auto.losses[:, :1], vm.losses[:, :1])
+    # the rest: the two modes interleaved, then the one kept; equal to rounding (a few ulp a step)
     np.testing.assert_allclose(auto.losses, vm.losses, rtol=1e-5, atol=0)
 
 
@@ -55,12 +72,35 @@ def test_auto_keeps_the_loop_when_the_loop_measured_faster(monkeypatch):
     assert auto.info["forward"].startswith("loop (K=3): forward='auto' measured")
     assert any("forward='vmap' forces the batched call" in n for n in auto.info["notes"])
     assert auto.timings["forward_choice"] >= 0.1  # the two slowed batched calls are measured steps
+    assert "best of 2" not in auto.info["forward"]  # far apart: one timed pair decided
     np.testing.assert_allclose(auto.losses, lp.losses, rtol=1e-5, atol=0)
+
+
+def test_auto_interleaves_the_modes_and_decides_a_clear_measurement_on_one_timed_pair(monkeypatch):
+    modes = _fake_clock(monkeypatch, {"vmap": 10.0, "loop": 20.0})
+    auto = _find("auto")
+    assert modes == ["vmap", "loop", "vmap", "loop"] + ["vmap"] * 8
+    assert auto.info["forward"] == ("vmap (K=3): forward='auto' measured 20.00 ms a step as a loop, 10.00 ms batched "
+                                    "(vmap)")  # fmt: skip
+    assert auto.timings["forward_choice"] == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize(("vmap_ms", "kept"), [(11.0, "loop"), (10.0, "loop"), (9.0, "vmap")])
+def test_auto_measures_a_close_call_twice_and_keeps_the_batched_call_only_when_faster(monkeypatch, vmap_ms, kept):
+    """Within CLOSE (1.25x) one more timed pair is measured; a tie goes to the loop, which runs each candidate at the
+    K = 1 step's speed (never slower than K separate runs)."""
+    modes = _fake_clock(monkeypatch, {"vmap": vmap_ms, "loop": 10.0})
+    auto = _find("auto")
+    assert modes[:6] == ["vmap", "loop"] * 3 and set(modes[6:]) == {kept}
+    assert auto.info["forward"].startswith(f"{kept} (K=3): forward='auto' measured 10.00 ms a step as a loop, "
+                                           f"{vmap_ms:.2f} ms batched (vmap), best of 2 each")  # fmt: skip
+    assert any("kept only when it measures faster" in n for n in auto.info["notes"]) == (kept == "loop")
 
 
 def test_auto_that_runs_out_of_steps_before_deciding_says_so():
     auto = _find("auto", steps=3)
-    assert "forward='auto' decided nothing: the run ended within its 4 measured steps" in auto.info["forward"]
+    said = "forward='auto' decided nothing: the run ended within its measured steps (the first 4, or 6 when"
+    assert said in auto.info["forward"]
 
 
 def test_loop_and_vmap_give_the_same_grid_curves_to_rounding():

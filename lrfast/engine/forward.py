@@ -8,8 +8,9 @@ candidates can run:
   one autograd backward of the K losses' sum, the grads copied into the arena. Where vmap cannot serve a model
   (data-dependent control flow, .item(), unstackable batches, recurrent layers...) a per-candidate loop runs
   instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
-  forward="auto" times both on the run's first steps (MEASURE) and keeps the faster, and recurrent models take the
-  loop at once (unbatchable); `mode`, `why` and `notes` say which ran and why.
+  forward="auto" times both on the run's first steps (MEASURE) and keeps the batched call only where it measured
+  faster than the loop, and recurrent models take the loop at once (unbatchable); `mode`, `why` and `notes` say
+  which ran and why.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
@@ -146,7 +147,7 @@ class BatchedStep:
         # forward="auto": the run's first calls are the measurement (MEASURE: the mode and whether it is timed); the
         # faster mode runs the rest. `choice` says what was measured, `measured_s` how long those calls took
         self.measure = list(MEASURE) if auto and self.mode == "vmap" and not compile else []
-        self.ms: dict[str, float] = {}
+        self.ms: dict[str, list[float]] = {}  # timed calls' milliseconds per mode
         self.choice, self.measured_s = "", 0.0
         self._loop_calls = 0
         self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
@@ -162,38 +163,45 @@ class BatchedStep:
         return self._run(item)
 
     def _measured(self, item) -> torch.Tensor:
-        """forward="auto": one of the run's first calls, in the mode MEASURE gives it (the batched call twice, then
-        the loop twice: a warm-up, then a timed call of each). They are steps of the run like any other (grads, RNG
-        and buffers as either mode leaves them), so the measurement costs the run only the slower mode's steps.
-        After the last, the loop is kept when it was at least 10 % faster (conv nets and attention on CPU, where
-        vmap's convolution, pooling and attention rules lose to K plain calls)."""
+        """forward="auto": one of the run's first calls, in the mode MEASURE gives it (a warm-up of each mode, then
+        a timed call of each, interleaved, and one more timed pair when the first is close: within CLOSE). They are
+        steps of the run like any other (grads, RNG and buffers as either mode leaves them), so the measurement
+        costs the run only the slower mode's extra time on its measured steps. After the last, the batched call is
+        kept only when its best timed call was faster than the loop's: the loop runs each candidate at the K = 1
+        step's speed, so it is never slower than K separate runs (conv nets and attention on CPU, where vmap's
+        convolution, pooling and attention rules lose to K plain calls)."""
         mode, timed = self.measure.pop(0)
         if self.mode == "loop":  # vmap failed on its first call: the fallback's note says so, nothing to measure
             self.measure = []
             return self._run(item)
         self.mode = mode
         _sync(self.arena.device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         try:
             loss = self._run(item)
         finally:
             self.mode = "vmap" if self.mode == mode else self.mode  # a vmap failure left "loop" (and its note)
         _sync(self.arena.device)
-        seconds = time.perf_counter() - t0
+        seconds = _clock() - t0
         self.measured_s += seconds
         if timed:
-            self.ms[mode] = 1e3 * seconds
+            self.ms.setdefault(mode, []).append(1e3 * seconds)
         if not self.measure and self.mode == "vmap":
             self._pick()
         return loss
 
     def _pick(self) -> None:
-        ms = self.ms
-        measured = f"measured {ms['loop']:.2f} ms a step as a loop, {ms['vmap']:.2f} ms batched (vmap)"
-        if ms["loop"] < 0.9 * ms["vmap"]:
+        loop, vm = min(self.ms["loop"]), min(self.ms["vmap"])
+        if len(self.ms["loop"]) == 1 and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
+            self.measure = list(MEASURE[2:])
+            return
+        measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
+                    f"{', best of 2 each' if len(self.ms['loop']) > 1 else ''}")  # fmt: skip
+        if loop <= vm:
             self.mode, self.why = "loop", f"forward='auto' {measured}"
-            self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop: forward='auto' {measured}; "
-                              "forward='vmap' forces the batched call")  # fmt: skip
+            self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop: forward='auto' {measured} "
+                              "(the batched call is kept only when it measures faster); forward='vmap' forces the "
+                              "batched call")  # fmt: skip
         else:
             self.choice = f"forward='auto' {measured}"
 
@@ -407,8 +415,13 @@ def _loop_note(k: int, why: str) -> str:
             f"{why}")
 
 
-# forward="auto": the modes of the run's first calls, and whether the call is the timed one
-MEASURE = (("vmap", False), ("vmap", True), ("loop", False), ("loop", True))
+# forward="auto": the modes of the run's first calls, and whether the call is the timed one: a warm-up of each (the
+# batched call's first carries one-time costs: imports, vmap's tracing), then a timed call of each, interleaved, so
+# that the two are measured as close together as the machine's swings allow; a timed pair whose ratio is within
+# CLOSE is followed by one more (best of 2 each decides)
+MEASURE = (("vmap", False), ("loop", False), ("vmap", True), ("loop", True))
+CLOSE = 1.25
+_clock = time.perf_counter  # the measurement's clock (tests give it a fake one)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 
