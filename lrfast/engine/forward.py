@@ -193,7 +193,7 @@ class BatchedStep:
     def _pick(self) -> None:
         loop, vm = min(self.ms["loop"]), min(self.ms["vmap"])
         if len(self.ms["loop"]) == 1 and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
-            self.measure = list(MEASURE[2:])
+            self.measure = list(TIMED_PAIR)
             return
         measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
                     f"{', best of 2 each' if len(self.ms['loop']) > 1 else ''}")  # fmt: skip
@@ -311,10 +311,12 @@ class BatchedStep:
         total = (loss if self.scaler is None else loss * self.scaler.scale).sum()  # candidate k's grad: row k's
         grads = (torch.autograd.grad(total, self.leaves, allow_unused=True) if total.requires_grad
                  else [None] * len(self.leaves))  # fmt: skip
-        used = [(g, grad) for g, grad in zip(self.g, grads) if grad is not None]
+        used = []
         for g, grad in zip(self.g, grads):
             if grad is None:  # a parameter the loss does not use: zero, as for the loop's zeroed grads
                 g.zero_()
+            else:
+                used.append((g, grad))
         if used:
             torch._foreach_copy_(*map(list, zip(*used)))
         return loss.detach()
@@ -420,6 +422,7 @@ def _loop_note(k: int, why: str) -> str:
 # that the two are measured as close together as the machine's swings allow; a timed pair whose ratio is within
 # CLOSE is followed by one more (best of 2 each decides)
 MEASURE = (("vmap", False), ("loop", False), ("vmap", True), ("loop", True))
+TIMED_PAIR = MEASURE[2:]
 CLOSE = 1.25
 _clock = time.perf_counter  # the measurement's clock (tests give it a fake one)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
