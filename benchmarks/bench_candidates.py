@@ -24,8 +24,13 @@ torch.compile and CUDA-graph capture inside each timed call) and the floor is th
 Rows go to benchmarks/results/<device>/candidates.csv (one per workload and K; written after every workload), and
 candidates.md / candidates.png are rendered from that CSV.
 
+--early-stop: lrfast's default early stop (the smoothed loss above 4x its best) on both lrfast contestants and a
+grid up to LR 1 (geomspace 1e-4 -> 1), so the high LRs stop within a few steps: each of the K sequential runs ends
+at its stop, and the one pass leaves its stopped candidates out. No torch-lr-finder (its sweep is not a grid) and
+no K = 1 row; rows go to candidates_early_stop.csv / .md / .png.
+
     python -m benchmarks.bench_candidates [--device cpu|cuda] [--workloads mlp,lenet,cnn,chargpt_small,lstm,loader]
-        [--ks 1,2,4,8,16,32] [--steps 100] [--repeats 2] [--quick] [--render-only] [--out DIR]
+        [--ks 1,2,4,8,16,32] [--steps 100] [--repeats 2] [--early-stop] [--quick] [--render-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ NAMES = {"mlp": "digits_mlp_64-256-256-10", "lenet": "digits28_lenet5", "loader"
          "lstm": "char_lstm_128_ctx32"}  # fmt: skip
 MAX_K = {"chargpt_small": 16, "lstm": 16, "chargpt": 8, "resnet18": 8}  # on CPU: K = 32 of them is minutes a round
 MIN_LR, MAX_LR, BATCH = 1e-4, 1e-2, 64
+EARLY_STOP, EARLY_STOP_MAX_LR = 4.0, 1.0  # --early-stop: lrfast's default threshold, and a grid that reaches it
 LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
 # torch-lr-finder is skipped at a K whose estimated sequential time (from the previous K) passes this, per round
 TLF_BUDGET_S = 90.0
@@ -118,30 +124,30 @@ def dataset_and_model(workload: str, rounds: int = 0) -> tuple[Dataset, W.Worklo
 # Each returns (wall seconds, loss curves [runs, steps] or None, info of the last lrfast run).
 
 
-def lrfast_run(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+def lrfast_run(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold=None):
     model, loader = fresh(dataset, wl.model, Settings(batch_size=wl.batch_size, device=device))
     gc.collect()
     t0 = time.perf_counter()
     res = lrfast.find(model, loader, optimizer=wl.optimizer, loss_fn=wl.loss, strategy="grid", lrs=list(lrs),
-                      steps=steps, early_stop_threshold=None, progress=False)  # fmt: skip
+                      steps=steps, early_stop_threshold=threshold, progress=False)  # fmt: skip
     wall = time.perf_counter() - t0
     return wall, np.atleast_2d(np.asarray(res.losses, dtype=float)), {**res.info, "timings": res.timings}
 
 
-def one_pass(dataset, wl: W.Workload, lrs, steps, device="cpu"):
-    return lrfast_run(dataset, wl, lrs, steps, device)
+def one_pass(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold=None):
+    return lrfast_run(dataset, wl, lrs, steps, device, threshold)
 
 
-def sequential(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+def sequential(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold=None):
     total, curves, info = 0.0, [], {}
     for lr in lrs:
-        t, c, info = lrfast_run(dataset, wl, [lr], steps, device)
+        t, c, info = lrfast_run(dataset, wl, [lr], steps, device, threshold)
         total += t
         curves.append(c[0])
     return total, np.stack(curves), info
 
 
-def torch_lr_finder(dataset, wl: W.Workload, lrs, steps, device="cpu"):
+def torch_lr_finder(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold=None):
     s = for_workload(wl, Settings(min_lr=MIN_LR, max_lr=MAX_LR, early_stop=None, device=device), steps)
     total = 0.0
     for _ in lrs:
@@ -189,26 +195,27 @@ def step_flops(dataset, wl: W.Workload) -> int:
 
 
 def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, rounds: int, loader_ms: float,
-                   k1_ms: float, device: str = "cpu"):  # fmt: skip
+                   k1_ms: float, device: str = "cpu", early_stop: bool = False):  # fmt: skip
     dataset, wl = dataset_and_model(workload, rounds)
     steps = min(steps, wl.steps)
     if device == "cpu":
         ks = [k for k in ks if k <= MAX_K.get(workload, max(ks))]
     flops = step_flops(dataset, wl)
-    tlf_missing = missing("torch_lr_finder")  # an optional peer: its column stays empty without it
+    tlf_missing = "is left out with --early-stop" if early_stop else missing("torch_lr_finder")  # optional peer
+    threshold, max_lr = (EARLY_STOP, EARLY_STOP_MAX_LR) if early_stop else (None, MAX_LR)
     for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
         if not (name == "torch_lr_finder" and tlf_missing):
-            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, MAX_LR, 2), 5, device)
+            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, max_lr, 2), 5, device, threshold)
     rows, tlf_prev = [], None
     for k in ks:
-        lrs = np.geomspace(MIN_LR, MAX_LR, k) if k > 1 else np.array([1e-3])
+        lrs = np.geomspace(MIN_LR, max_lr, k) if k > 1 else np.array([1e-3])
         skip_tlf = tlf_prev is not None and tlf_prev[1] * k / tlf_prev[0] > TLF_BUDGET_S
         names = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and (skip_tlf or tlf_missing))]
         best = {c: float("inf") for c in names}
         curves, info = {}, {}
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order round by round
-                t, c, i = RUNNERS[name](dataset, wl, lrs, steps, device)
+                t, c, i = RUNNERS[name](dataset, wl, lrs, steps, device, threshold)
                 best[name] = min(best[name], t)
                 if c is not None:
                     curves[name] = c
@@ -216,7 +223,9 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                     info = i
         if "torch_lr_finder" in best:
             tlf_prev = (k, best["torch_lr_finder"])
-        rel = float(np.max(np.abs(curves["one_pass"] - curves["sequential"]) / np.abs(curves["sequential"])))
+        # stopped steps are NaN on both sides (the runs stop at the same steps but where rounding differs)
+        rel = float(np.nanmax(np.abs(curves["one_pass"] - curves["sequential"]) / np.abs(curves["sequential"])))
+        stopped = int(np.sum(np.isnan(curves["one_pass"][:, -1])))
         ms = {c: 1e3 * t / steps for c, t in best.items()}
         tlf = ms.get("torch_lr_finder", float("nan"))
         note = (f"torch-lr-finder skipped: {tlf_prev[1] * k / tlf_prev[0]:.0f} s a round estimated from K = "
@@ -233,7 +242,8 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                "one_pass_vs_floor": ms["one_pass"] / (1e3 * k * flops / (gflops * 1e9)), "flops_per_step_k1": flops,
                "matmul_gflops": gflops, "loader_ms_per_batch": loader_ms if workload == "loader" else "",
                "loader_rounds": rounds if workload == "loader" else "", "mlp_k1_steps_phase_ms_per_step": k1_ms,
-               "max_rel_diff_curves": rel, "repeats": repeats, "note": note, **report.conditions(device)}  # fmt: skip
+               "max_rel_diff_curves": rel, "early_stop_threshold": threshold or "", "stopped_candidates": stopped,
+               "repeats": repeats, "note": note, **report.conditions(device)}  # fmt: skip
         print(
             f"{workload} K={k}: one pass {ms['one_pass']:.2f} ms/step, sequential {ms['sequential']:.2f}, "
             f"torch-lr-finder {tlf:.2f}, floor {row['floor_ms_per_step']:.3f}",
@@ -243,12 +253,12 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
     return rows
 
 
-def write_csv(out: Path, rows: list[dict]) -> None:
-    report.write_csv(rows, out / "candidates.csv", list(rows[0]))
+def write_csv(out: Path, rows: list[dict], stem: str = "candidates") -> None:
+    report.write_csv(rows, out / f"{stem}.csv", list(rows[0]))
 
 
-def read_csv(out: Path) -> list[dict]:
-    return report.read_csv(out / "candidates.csv")
+def read_csv(out: Path, stem: str = "candidates") -> list[dict]:
+    return report.read_csv(out / f"{stem}.csv")
 
 
 def _fmt(x: str) -> str:
@@ -266,11 +276,13 @@ def _shapes(rows: list[dict]) -> str:
     return "; ".join(f"{w}: {v}" for w, v in per.items())
 
 
-def write_md(out: Path) -> None:
-    rows = read_csv(out)
+def write_md(out: Path, stem: str = "candidates") -> None:
+    rows = read_csv(out, stem)
     cols = ["workload", "k", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
             "ms_per_step_sequential_torch_lr_finder", "floor_ms_per_step", "speedup_vs_sequential",
             "speedup_vs_torch_lr_finder", "one_pass_vs_floor", "max_rel_diff_curves"]  # fmt: skip
+    if rows[0].get("early_stop_threshold"):
+        cols = [c for c in cols if "torch_lr_finder" not in c] + ["stopped_candidates"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(r[c] if c in ("workload", "k", "forward") else _fmt(r[c]) for c in cols) + " |")
@@ -288,13 +300,17 @@ def write_md(out: Path) -> None:
             f"__getitem__ ({loader[0]['loader_rounds']} blur rounds per sample); the floor leaves it out."
         )
     lines += [f"- {n}" for n in notes]
-    lines.append("\nGenerated from candidates.csv by benchmarks/bench_candidates.py.")
-    (out / "candidates.md").write_text("\n".join(lines) + "\n")
+    if rows[0].get("early_stop_threshold"):
+        lines.append(f"Early stop at {rows[0]['early_stop_threshold']}x the best smoothed loss on both lrfast "
+                     "contestants (lrfast's default), LRs 1e-4 -> 1: K sequential runs each end at their stop; "
+                     "stopped_candidates: how many of the K stopped.")  # fmt: skip
+    lines.append(f"\nGenerated from {stem}.csv by benchmarks/bench_candidates.py.")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
-def write_png(out: Path) -> None:
+def write_png(out: Path, stem: str = "candidates") -> None:
     plt = report.pyplot()
-    rows = read_csv(out)
+    rows = read_csv(out, stem)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     series = {"ms_per_step_one_pass": "lrfast, K in one pass", "ms_per_step_sequential": "K x lrfast K=1",
               "ms_per_step_sequential_torch_lr_finder": "K x torch-lr-finder",
@@ -315,9 +331,9 @@ def write_png(out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     c = rows[0]
-    fig.suptitle(f"Adam, steps and batch per workload in candidates.md; {c['cores']} cores, torch {c['torch']}, "
+    fig.suptitle(f"Adam, steps and batch per workload in {stem}.md; {c['cores']} cores, torch {c['torch']}, "
                  f"commit {c['commit']}, {c['date']}", fontsize=9)  # fmt: skip
-    report.save_png(fig, out / "candidates.png")
+    report.save_png(fig, out / f"{stem}.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--early-stop", action="store_true", help="lrfast's early stop on, LRs up to 1, no K = 1")
     ap.add_argument("--quick", action="store_true", help="smoke run: K 1,2, 5 steps, 1 repeat, into a temp folder")
     ap.add_argument("--render-only", action="store_true", help="re-render candidates.md/.png from the CSV")
     ap.add_argument("--out", type=Path, default=None)
@@ -335,10 +352,11 @@ def main(argv: list[str] | None = None) -> None:
         args.ks, args.steps, args.repeats = "1,2", 5, 1
     out = args.out or (Path(tempfile.gettempdir()) / "lrfast-bench-candidates-quick" if args.quick
                        else OUT.parent / args.device)  # fmt: skip
+    stem = "candidates_early_stop" if args.early_stop else "candidates"
     if not args.render_only:
         if args.device == "cuda" and not torch.cuda.is_available():
             sys.exit("--device cuda: torch.cuda.is_available() is False here; nothing run")
-        ks, dev = [int(k) for k in args.ks.split(",")], args.device
+        ks, dev = [int(k) for k in args.ks.split(",") if not (args.early_stop and k == "1")], args.device
         gflops = matmul_gflops(device=dev)
         # the K = 1 step as lrfast's steps phase times it (set-up left out), 50 steps, best of 3
         k1_ms = 1e3 * min(one_pass(digits(), W.get("mlp"), [1e-3], 50, dev)[2]["timings"]["steps"]
@@ -353,12 +371,12 @@ def main(argv: list[str] | None = None) -> None:
         for wl in args.workloads.split(","):
             rows += bench_workload(
                 wl, ks, args.steps, args.repeats, max(gflops, matmul_gflops(device=dev)), rounds, loader_ms, k1_ms,
-                dev,
+                dev, args.early_stop,
             )
-            write_csv(out, rows)
-    write_md(out)
-    write_png(out)
-    print(open(out / "candidates.md").read())
+            write_csv(out, rows, stem)
+    write_md(out, stem)
+    write_png(out, stem)
+    print(open(out / f"{stem}.md").read())
 
 
 if __name__ == "__main__":

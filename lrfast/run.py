@@ -210,9 +210,10 @@ class Chunk:
         if c == 1:
             inner = ModuleStep(plan.model, self.arena, o.loss_fn, o.precision, self.scaler, compile=compiled)
         else:
+            alive = self.step.tracker.alive
             inner = BatchedStep(plan.model, self.arena, o.loss_fn, randomness="same" if self.shared else "different",
                                 why_loop=self.why_loop, precision=o.precision, scaler=self.scaler,
-                                compile=compiled, auto=auto)  # fmt: skip
+                                compile=compiled, auto=auto, alive=alive if alive.device.type == "cpu" else None)
         self.built.append(inner)
         return Accumulate(inner, self.arena) if o.accumulate > 1 else inner
 

@@ -130,6 +130,80 @@ def test_the_loop_gives_each_grid_candidate_its_k1_curve_bitwise():
         np.testing.assert_array_equal(grid.losses[k], one.losses[0])
 
 
+class _Counting(torch.nn.Module):
+    """make_mlp(batchnorm=True, dropout=0.2), counting its training calls per candidate: by the arena row its first
+    weight points at (a view into the arena's [K, N] buffer; not the memory probe's call at set-up, on a copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = make_mlp(batchnorm=True, dropout=0.2), {}
+
+    def forward(self, x):
+        w = self.net[0].weight
+        if self.training and torch.is_grad_enabled() and w.untyped_storage().nbytes() > w.nbytes:
+            self.calls[w.data_ptr()] = self.calls.get(w.data_ptr(), 0) + 1
+        return self.net(x)
+
+
+def _diverging_grid(forward, lrs=(1e-2, 8.0, 9.0), model=None):
+    """SGD at 1e-2 runs the 30 steps; at 8 and 9 it stops (7 and 3 steps)."""
+    model = make_mlp(batchnorm=True, dropout=0.2) if model is None else model
+    return lrfast.find(model, make_batches(n=12, batch=16), optimizer="sgd", strategy="grid", lrs=list(lrs),
+                       steps=30, forward=forward, progress=False)  # fmt: skip
+
+
+def test_the_loop_runs_only_the_candidates_still_running_and_each_is_its_k1_run():
+    """A stopped candidate is frozen and its loss not recorded: the loop no longer calls the model for it (K separate
+    runs each end at their stop). Bitwise nothing changes: every row, up to its stop, is its K = 1 run."""
+    model = _Counting()
+    res = _diverging_grid("loop", model=model)
+    assert res.runs.tolist() == [30, 7, 3]
+    assert sorted(model.calls.values()) == [3, 7, 30]  # one call a step while it runs, none after
+    for k, lr in enumerate([1e-2, 8.0, 9.0]):
+        one = _diverging_grid("auto", lrs=[lr], model=_Counting())
+        assert one.runs[0] == res.runs[k]
+        np.testing.assert_array_equal(res.losses[k], one.losses[0])
+
+
+def test_auto_hands_the_batched_call_over_to_the_loop_once_the_survivors_run_faster_so(monkeypatch):
+    """Batched 10 ms a step, the loop 18 ms for its 2 live candidates (9 a candidate: the 9.0 LR, row 0, stopped at
+    step 3): vmap is kept, and runs while 2 candidates still run (18 ms as a loop), then the loop runs the last one
+    (9 ms; the batched call would still run the 3 rows up to it)."""
+    modes = _fake_clock(monkeypatch, {"vmap": 10.0, "loop": 18.0})
+    res = _diverging_grid("auto", lrs=(9.0, 8.0, 1e-2))
+    assert res.runs.tolist() == [3, 7, 30]
+    assert modes == ["vmap", "loop", "vmap", "loop"] + ["vmap"] * 3 + ["loop"] * 23
+    assert res.info["forward"].startswith("loop (K=3): forward='auto' measured 18.00 ms a step as a loop, 10.00 ms "
+                                          "batched (vmap), then 2 of the 3 candidates stopped: the loop over the 1 "
+                                          "still running (~9.00 ms at its measured 9.00 ms a candidate, the batched "
+                                          "call ~10.00 ms for 3 rows) runs the rest")  # fmt: skip
+    assert any(n.startswith("the 3 candidates run as a per-candidate loop from call 8: ") for n in res.info["notes"])
+
+
+def test_the_batched_call_runs_only_the_rows_up_to_the_last_live_candidate(monkeypatch):
+    """A grid's high LRs stop first: the batched call then runs the stacked views' first rows (sliced, no copy); the
+    curves are those of the full batched call, and each stopped row the K = 1 run's up to its stop."""
+    rows, batched = [], F.BatchedStep._batched
+
+    def counted(self, s, each):
+        f = batched(self, s, each)
+
+        def call(params, *args):
+            rows.append(next(iter(params.values())).shape[0])
+            return f(params, *args)
+
+        return call
+
+    monkeypatch.setattr(F.BatchedStep, "_batched", counted)
+    res = _diverging_grid("vmap")
+    assert res.info["forward"] == "vmap (K=3)" and res.runs.tolist() == [30, 7, 3]
+    assert rows == [3] * 3 + [2] * 4 + [1] * 23
+    for k, lr in enumerate([1e-2, 8.0, 9.0]):
+        one = _diverging_grid("auto", lrs=[lr])
+        assert one.runs[0] == res.runs[k]
+        np.testing.assert_allclose(res.losses[k], one.losses[0], rtol=1e-5, atol=0)
+
+
 class _TinyLSTM(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -10,7 +10,8 @@ candidates can run:
   instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
   forward="auto" times both on the run's first steps (MEASURE) and keeps the batched call only where it measured
   faster than the loop, and recurrent models take the loop at once (unbatchable); `mode`, `why` and `notes` say
-  which ran and why.
+  which ran and why. Stopped candidates are left out (`alive`): the loop skips them, the batched call runs the rows
+  up to the last live one, and auto's batched call hands over to the loop once that is cheaper.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
@@ -26,6 +27,7 @@ import re
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import vmap
@@ -126,8 +128,14 @@ class Accumulate:
 
 class BatchedStep:
     def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = "",
-                 precision: str = "fp32", scaler=None, compile: bool = False, auto: bool = False):  # fmt: skip
+                 precision: str = "fp32", scaler=None, compile: bool = False, auto: bool = False,
+                 alive: torch.Tensor | None = None):  # fmt: skip
+        """`alive`: the tracker's alive mask [K] on the host (a CPU arena; None: every candidate runs every step).
+        With it the loop runs only the candidates still running (randomness "same": a stopped one draws nothing the
+        others depend on), as K separate runs each end at their stop, and a batched call auto chose hands over to
+        the loop once the loop over the survivors is faster than the batched call, at the measured speeds."""
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
+        self.alive = alive
         self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
@@ -148,11 +156,13 @@ class BatchedStep:
         # faster mode runs the rest. `choice` says what was measured, `measured_s` how long those calls took
         self.measure = list(MEASURE) if auto and self.mode == "vmap" and not compile else []
         self.ms: dict[str, list[float]] = {}  # timed calls' milliseconds per mode
+        self.ms_row: dict[str, list[float]] = {}  # the same per candidate row the call ran (_rows_run)
         self.choice, self.measured_s = "", 0.0
         self._loop_calls = 0
         self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
         self._loop_buffers: list[dict] = []
         self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
+        self._nan = torch.tensor(float("nan"), device=arena.device)  # the loop's loss of a stopped candidate
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -160,6 +170,8 @@ class BatchedStep:
         self.calls += 1
         if self.measure:
             return self._measured(item)
+        if self.mode == "vmap" and self.choice and self._live() is not None:
+            self._hand_over()
         return self._run(item)
 
     def _measured(self, item) -> torch.Tensor:
@@ -175,6 +187,7 @@ class BatchedStep:
             self.measure = []
             return self._run(item)
         self.mode = mode
+        rows = self._rows_run()
         _sync(self.arena.device)
         t0 = _clock()
         try:
@@ -186,6 +199,7 @@ class BatchedStep:
         self.measured_s += seconds
         if timed:
             self.ms.setdefault(mode, []).append(1e3 * seconds)
+            self.ms_row.setdefault(mode, []).append(1e3 * seconds / rows)
         if not self.measure and self.mode == "vmap":
             self._pick()
         return loss
@@ -226,10 +240,48 @@ class BatchedStep:
             check_finite(loss)
         return loss
 
+    def _hand_over(self) -> None:
+        """forward='auto' kept the batched call. Once candidates stop, the loop runs only the n still running and the
+        batched call the rows up to the last of them (_rows_run): at the per-row costs measured, the loop runs the
+        rest once its n rows cost less (stopped rows left inside the batched call's range: a grid whose low LRs
+        stop first, say)."""
+        k, n, m = self.arena.k, int(self._live().sum()), self._rows_run()
+        loop, vm = min(self.ms_row["loop"]), min(self.ms_row["vmap"])
+        if n == k or n * loop >= m * vm:
+            return
+        self.mode, self.why = "loop", (f"{self.choice}, then {k - n} of the {k} candidates stopped: the loop over "
+                                       f"the {n} still running (~{n * loop:.2f} ms at its measured {loop:.2f} ms a "
+                                       f"candidate, the batched call ~{m * vm:.2f} ms for {m} rows) runs the "
+                                       "rest")  # fmt: skip
+        self.notes.append(f"the {k} candidates run as a per-candidate loop from call {self.calls}: {self.why}")
+
+    def _live(self):
+        """The candidates still running, a bool array [K] (None: not known). Only with randomness "same", where
+        every candidate draws what candidate 0 draws: with "different" each draws from the generator in turn, so
+        leaving a stopped one out would change the masks of those after it."""
+        if self.alive is None or self.randomness != "same":
+            return None
+        return self.alive.numpy()
+
+    def _rows_run(self) -> int:
+        """How many candidates a call in the current mode runs: the loop the live ones, the batched call the rows
+        up to the last live one (its stacked views sliced, no copy; not compiled: a new size would compile again)."""
+        live = self._live()
+        if live is None:
+            return self.arena.k
+        if self.mode == "loop":
+            return int(live.sum())
+        if self.compile or not live.any():
+            return self.arena.k
+        return int(np.flatnonzero(live)[-1]) + 1
+
     @torch.no_grad()
     def evaluate(self, splits: list[Split]) -> torch.Tensor:
-        """Every candidate's mean loss over the cached validation batches, in eval mode; returns [K]."""
+        """Every candidate's mean loss over the cached validation batches, in eval mode; returns [K] (the loop:
+        NaN for a candidate that stopped, which is not scored)."""
         params = dict(zip(self.names, self.p))
+        live = None if self.alive is None else self.alive.numpy()  # eval mode draws nothing: any randomness
+        nan = torch.tensor(float("nan"), device=self.arena.device)
         self.model.eval()
         try:
             total = 0
@@ -241,7 +293,8 @@ class BatchedStep:
                 else:
                     total = total + torch.stack([
                         self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
-                                   s.args, s.kwargs, s.target).reshape(()) for k in range(self.arena.k)])  # fmt: skip
+                                   s.args, s.kwargs, s.target).reshape(()) if live is None or live[k] else nan
+                        for k in range(self.arena.k)])  # fmt: skip
         finally:
             self.model.train()
         return total / len(splits)
@@ -305,21 +358,31 @@ class BatchedStep:
             self._resolve_loss_eagerly(item)
         each = isinstance(item, list)  # one batch per candidate: stacked [K, ...], vmapped too
         s = stack(item) if each else item
-        loss = self._batched(s, each)(dict(zip(self.names, self.leaves)), self.buffers, s.args, s.kwargs, s.target)
+        k, m = self.arena.k, self._rows_run()
+        leaves, buffers, dst = self.leaves, self.buffers, self.g
+        scale = None if self.scaler is None else self.scaler.scale
+        if m < k and not each:  # the rows after the last live candidate have stopped: the first m rows only
+            leaves = [v[:m].detach().requires_grad_() for v in self.p]
+            buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
+            scale = None if scale is None else scale[:m]
+        else:
+            m = k
+        loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
         if loss.dim() != 1:
             check_scalar(loss[0])
-        total = (loss if self.scaler is None else loss * self.scaler.scale).sum()  # candidate k's grad: row k's
-        grads = (torch.autograd.grad(total, self.leaves, allow_unused=True) if total.requires_grad
-                 else [None] * len(self.leaves))  # fmt: skip
+        total = (loss if scale is None else loss * scale).sum()  # candidate k's grad: row k's
+        grads = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
+                 else [None] * len(leaves))  # fmt: skip
         used = []
-        for g, grad in zip(self.g, grads):
+        for g, grad in zip(dst, grads):
             if grad is None:  # a parameter the loss does not use: zero, as for the loop's zeroed grads
                 g.zero_()
             else:
                 used.append((g, grad))
         if used:
             torch._foreach_copy_(*map(list, zip(*used)))
-        return loss.detach()
+        loss = loss.detach()
+        return loss if m == k else torch.cat([loss, self._nan.to(loss.dtype).expand(k - m)])
 
     def _batched(self, s: Split, each: bool):
         """The vmapped loss for this kind of batch, made at its first call (one batch per candidate: in_dims follow
@@ -349,10 +412,13 @@ class BatchedStep:
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         state = _rng_state(device) if rewind else None
-        rows, buffers = self._rows(), self._loop_buffers
+        rows, buffers, live = self._rows(), self._loop_buffers, self._live()
         check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
         try:
             for k in range(self.arena.k):
+                if live is not None and not live[k]:  # stopped: frozen (LR 0), its loss not recorded, not run
+                    losses.append(self._nan)
+                    continue
                 if rewind and k:
                     _set_rng_state(device, state)
                 split = item[k] if isinstance(item, list) else item
