@@ -254,7 +254,20 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
 
 
 def write_csv(out: Path, rows: list[dict], stem: str = "candidates") -> None:
-    report.write_csv(rows, out / f"{stem}.csv", list(rows[0]))
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # merged rows of an older run may lack newer columns
+    report.write_csv(rows, out / f"{stem}.csv", columns)
+
+
+def _merged(kept: list[dict], new: dict[str, list[dict]]) -> list[dict]:
+    """--merge: the kept rows with each re-run workload's rows in place of its old ones (new workloads last)."""
+    out, done = [], set()
+    for r in kept:
+        if r["workload"] not in new:
+            out.append(r)
+        elif r["workload"] not in done:
+            out += new[r["workload"]]
+            done.add(r["workload"])
+    return out + [r for w, rs in new.items() if w not in done for r in rs]
 
 
 def read_csv(out: Path, stem: str = "candidates") -> list[dict]:
@@ -288,9 +301,11 @@ def write_md(out: Path, stem: str = "candidates") -> None:
         lines.append("| " + " | ".join(r[c] if c in ("workload", "k", "forward") else _fmt(r[c]) for c in cols) + " |")
     c = rows[0]
     notes = sorted({f"{r['workload']} K={r['k']}: {r['note']}" for r in rows if r.get("note")})
+    if len(notes) == len(rows) and len({r["note"] for r in rows}) == 1:  # one note on every row: said once
+        notes = [f"every row: {rows[0]['note']}"]
     loader = [r for r in rows if r.get("loader_ms_per_batch")]
     lines.append(f"\n{c['device']}, {c['cores']} cores, {c['threads']} threads, torch {c['torch']}, lrfast "
-                 f"{c['lrfast']}, commit {c['commit']}, {c['date']}; Adam; {_shapes(rows)}; wall-clock of whole "
+                 f"{c['lrfast']}, {report.provenance(rows)}; Adam; {_shapes(rows)}; wall-clock of whole "
                  f"calls, best of {c['repeats']}, contestants interleaved within each K. "
                  f"Floor: K x {{fwd+bwd FLOPs}} at {float(c['matmul_gflops']):.0f} GFLOP/s (1024^3 fp32 matmul, "
                  "same process).")  # fmt: skip
@@ -303,7 +318,8 @@ def write_md(out: Path, stem: str = "candidates") -> None:
     if rows[0].get("early_stop_threshold"):
         lines.append(f"Early stop at {rows[0]['early_stop_threshold']}x the best smoothed loss on both lrfast "
                      "contestants (lrfast's default), LRs 1e-4 -> 1: K sequential runs each end at their stop; "
-                     "stopped_candidates: how many of the K stopped.")  # fmt: skip
+                     "stopped_candidates: how many of the K stopped. max_rel_diff_curves includes the last steps of "
+                     "the candidates that diverge, where the two sides' rounding differences grow without bound.")
     lines.append(f"\nGenerated from {stem}.csv by benchmarks/bench_candidates.py.")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
@@ -332,7 +348,7 @@ def write_png(out: Path, stem: str = "candidates") -> None:
     axes[0][0].legend(fontsize=8)
     c = rows[0]
     fig.suptitle(f"Adam, steps and batch per workload in {stem}.md; {c['cores']} cores, torch {c['torch']}, "
-                 f"commit {c['commit']}, {c['date']}", fontsize=9)  # fmt: skip
+                 f"{report.provenance(rows)}", fontsize=9)  # fmt: skip
     report.save_png(fig, out / f"{stem}.png")
 
 
@@ -346,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--early-stop", action="store_true", help="lrfast's early stop on, LRs up to 1, no K = 1")
     ap.add_argument("--quick", action="store_true", help="smoke run: K 1,2, 5 steps, 1 repeat, into a temp folder")
     ap.add_argument("--render-only", action="store_true", help="re-render candidates.md/.png from the CSV")
+    ap.add_argument("--merge", action="store_true", help="keep the CSV's rows of the workloads not run (each row "
+                    "says its commit and date)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -367,12 +385,14 @@ def main(argv: list[str] | None = None) -> None:
             rounds, loader_ms = calibrate_rounds(LOADER_FACTOR * k1_ms)
         print(f"matmul {gflops:.0f} GFLOP/s; K=1 MLP step {k1_ms:.2f} ms; loader {rounds} rounds -> {loader_ms:.2f} "
               "ms/batch", flush=True)  # fmt: skip
-        rows = []
+        kept = read_csv(out, stem) if args.merge and (out / f"{stem}.csv").exists() else []
+        rows, new = [], {}
         for wl in args.workloads.split(","):
-            rows += bench_workload(
+            new[NAMES.get(wl, wl)] = bench_workload(
                 wl, ks, args.steps, args.repeats, max(gflops, matmul_gflops(device=dev)), rounds, loader_ms, k1_ms,
                 dev, args.early_stop,
             )
+            rows = _merged(kept, new)
             write_csv(out, rows, stem)
     write_md(out, stem)
     write_png(out, stem)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.report import num, read_csv
+from benchmarks.report import num, provenance, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("bare", "torch_lr_finder", "lightning")
@@ -55,10 +55,16 @@ def _candidates(path: Path) -> list[str]:
     rows = read_csv(path)
     r0 = rows[0]
     cols = ("ms_per_step_one_pass", "ms_per_step_sequential", "speedup_vs_sequential")
-    return [f"K candidates in one pass vs K sequential K = 1 runs: {r0['device']}, {r0['cores']} cores, torch "
-            f"{r0['torch']}, commit {r0['commit']}, {r0['date']} ({_link(path)}):", "",
-            *_table(["workload", "K", "forward", "ms/step one pass", "ms/step sequential", "speedup"],
-                    [[r["workload"], r["k"], r["forward"], *(num(r[c], ".2f") for c in cols)] for r in rows]),
+    head, extra = ["workload", "K", "forward", "ms/step one pass", "ms/step sequential", "speedup"], []
+    what = "K candidates in one pass vs K sequential K = 1 runs"
+    if r0.get("early_stop_threshold"):  # bench_candidates --early-stop
+        what += (f", early stop on (the smoothed loss above {r0['early_stop_threshold']}x its best; LRs 1e-4 -> 1, "
+                 "each sequential run ending at its stop)")  # fmt: skip
+        head, extra = [*head, "stopped of K"], ["stopped_candidates"]
+    return [f"{what}: {r0['device']}, {r0['cores']} cores, torch {r0['torch']}, {provenance(rows)} ({_link(path)}):",
+            "",
+            *_table(head, [[r["workload"], r["k"], r["forward"], *(num(r[c], ".2f") for c in cols),
+                            *(r[c] for c in extra)] for r in rows]),
             ""]  # fmt: skip
 
 
@@ -95,7 +101,7 @@ def device_section(device_dir: Path) -> list[str]:
     """One results folder's tables, under a heading named after the folder (cpu, cuda)."""
     out = [f"#### {device_dir.name.upper()}", ""]
     for name, render in (("compare", _compare), ("quality", _quality), ("candidates", _candidates),
-                         ("kernels", _kernels)):  # fmt: skip
+                         ("candidates_early_stop", _candidates), ("kernels", _kernels)):  # fmt: skip
         if (device_dir / f"{name}.csv").exists():
             out += render(device_dir / f"{name}.csv")
     return out

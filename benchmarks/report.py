@@ -76,6 +76,18 @@ def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
         w.writerows({k: cell(r.get(k)) for k in columns} for r in rows)
 
 
+def provenance(rows: list[dict]) -> str:
+    """'commit C, DATE' of the rows, or, where some workloads were re-run (bench_candidates --merge), each commit
+    with its workloads and its first date."""
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["commit"], []).append(r)
+    if len(runs) == 1:
+        return f"commit {rows[0]['commit']}, {rows[0]['date']}"
+    return "commits " + "; ".join(f"{c} ({', '.join(dict.fromkeys(r['workload'] for r in rs))}, {rs[0]['date']})"
+                                  for c, rs in runs.items())  # fmt: skip
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

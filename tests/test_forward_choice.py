@@ -194,10 +194,19 @@ def test_the_batched_call_runs_only_the_rows_up_to_the_last_live_candidate(monke
 
         return call
 
+    left_out, call = [], F.BatchedStep._vmap_call
+
+    def checked(self, item):  # the grads of the rows left out: zero, as the loop leaves a stopped candidate's
+        loss = call(self, item)
+        m = self._rows_run()
+        left_out.append(all(bool((g[m:] == 0).all()) for g in self.g))
+        return loss
+
     monkeypatch.setattr(F.BatchedStep, "_batched", counted)
+    monkeypatch.setattr(F.BatchedStep, "_vmap_call", checked)
     res = _diverging_grid("vmap")
     assert res.info["forward"] == "vmap (K=3)" and res.runs.tolist() == [30, 7, 3]
-    assert rows == [3] * 3 + [2] * 4 + [1] * 23
+    assert rows == [3] * 3 + [2] * 4 + [1] * 23 and all(left_out) and len(left_out) == 30
     for k, lr in enumerate([1e-2, 8.0, 9.0]):
         one = _diverging_grid("auto", lrs=[lr])
         assert one.runs[0] == res.runs[k]

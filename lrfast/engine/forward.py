@@ -162,7 +162,8 @@ class BatchedStep:
         self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
         self._loop_buffers: list[dict] = []
         self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
-        self._nan = torch.tensor(float("nan"), device=arena.device)  # the loop's loss of a stopped candidate
+        self._nan = torch.tensor(float("nan"), device=arena.device)  # the loss of a stopped candidate left out
+        self._zeroed = arena.k  # the batched call's rows [m, K) left out have zero grads from row _zeroed on
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -365,6 +366,10 @@ class BatchedStep:
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
             buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
             scale = None if scale is None else scale[:m]
+            if m < self._zeroed:  # the rows left out keep zero grads (as the loop leaves a stopped one's), once
+                for g in self.g:
+                    g[m : self._zeroed].zero_()
+                self._zeroed = m
         else:
             m = k
         loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
