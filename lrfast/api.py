@@ -95,9 +95,10 @@ def find(
     The two give the same curves to rounding (seeds with dropout: other masks); pass "vmap" or "loop" for results
     that do not depend on a timing.
     A candidate that diverges is frozen (LR 0, losses NaN from then on); the run stops when every one has. On CPU
-    a stopped candidate is no longer computed where that changes no other's curve (grid, and sweep chunks: the
-    loop skips it, the batched call runs the rows up to the last one still running, and "auto" hands a batched
-    call over to the loop once that is cheaper, with a note), as K separate runs each end at their stop.
+    a grid's stopped candidates are no longer computed, as K separate runs each end at their stop: the loop skips
+    them, the batched call runs the rows up to the last one still running, and "auto" hands a batched call over to
+    the loop once that is cheaper (with a note). Seeds compute every replica (leaving one out would change the
+    dropout masks of those after it).
     `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
     chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,
     activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
