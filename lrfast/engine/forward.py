@@ -244,8 +244,8 @@ class BatchedStep:
     def _hand_over(self) -> None:
         """forward='auto' kept the batched call. Once candidates stop, the loop runs only the n still running and the
         batched call the rows up to the last of them (_rows_run): at the per-row costs measured, the loop runs the
-        rest once its n rows cost less (stopped rows left inside the batched call's range: a grid whose low LRs
-        stop first, say)."""
+        rest once its n rows cost less than those rows (stopped rows before live ones: a grid whose LRs are not
+        ascending, or whose middle ones stop first)."""
         k, n, m = self.arena.k, int(self._live().sum()), self._rows_run()
         loop, vm = min(self.ms_row["loop"]), min(self.ms_row["vmap"])
         if n == k or n * loop >= m * vm:
