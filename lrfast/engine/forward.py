@@ -282,7 +282,6 @@ class BatchedStep:
         NaN for a candidate that stopped, which is not scored)."""
         params = dict(zip(self.names, self.p))
         live = None if self.alive is None else self.alive.numpy()  # eval mode draws nothing: any randomness
-        nan = torch.tensor(float("nan"), device=self.arena.device)
         self.model.eval()
         try:
             total = 0
@@ -294,7 +293,7 @@ class BatchedStep:
                 else:
                     total = total + torch.stack([
                         self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
-                                   s.args, s.kwargs, s.target).reshape(()) if live is None or live[k] else nan
+                                   s.args, s.kwargs, s.target).reshape(()) if live is None or live[k] else self._nan
                         for k in range(self.arena.k)])  # fmt: skip
         finally:
             self.model.train()
@@ -359,10 +358,11 @@ class BatchedStep:
             self._resolve_loss_eagerly(item)
         each = isinstance(item, list)  # one batch per candidate: stacked [K, ...], vmapped too
         s = stack(item) if each else item
-        k, m = self.arena.k, self._rows_run()
+        k = self.arena.k
+        m = k if each else self._rows_run()  # per-candidate batches are stacked [K, ...]: every row
         leaves, buffers, dst = self.leaves, self.buffers, self.g
         scale = None if self.scaler is None else self.scaler.scale
-        if m < k and not each:  # the rows after the last live candidate have stopped: the first m rows only
+        if m < k:  # the rows after the last live candidate have stopped: the first m rows only
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
             buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
             scale = None if scale is None else scale[:m]
@@ -370,8 +370,6 @@ class BatchedStep:
                 for g in self.g:
                     g[m : self._zeroed].zero_()
                 self._zeroed = m
-        else:
-            m = k
         loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
         if loss.dim() != 1:
             check_scalar(loss[0])
