@@ -90,7 +90,9 @@ def find(
     the model per step), or "auto" (default): the run's first steps measure both (a warm-up step of each, then a
     timed step of each, interleaved, and one more timed pair when the two are within 1.25x; their seconds in
     result.timings["forward_choice"]), and the batched call is kept only when it measured faster, else the rest run
-    as a loop (conv nets and attention on CPU), which runs each candidate at the K = 1 step's speed; eager only
+    as a loop (conv nets and attention on CPU), which runs each candidate at the K = 1 step's speed; with K >= 4
+    candidates sharing batches (grid, sweep), steps batching the first 1, 2, ... candidates (the others looped) come
+    first, and a batched call whose cost a candidate does not fall fast enough to win at K is never run at K; eager only
     (compiled or captured, the batched call runs). result.info["forward"] says which ran and what was measured.
     The two give the same curves to rounding (seeds with dropout: other masks); pass "vmap" or "loop" for results
     that do not depend on a timing.

@@ -12,7 +12,7 @@ import torch
 from lrfast import batches as _batches
 from lrfast.engine import amp, update
 from lrfast.engine.arena import Arena
-from lrfast.engine.forward import MEASURE, TIMED_PAIR, Accumulate, BatchedStep, ModuleStep, stackable, unbatchable
+from lrfast.engine.forward import Accumulate, BatchedStep, ModuleStep, stackable, unbatchable
 from lrfast.engine.loop import Outcome, Step, drive_eager, drive_graph
 from lrfast.engine.memory import oom_message
 from lrfast.engine.tracker import Tracker
@@ -187,7 +187,7 @@ class Chunk:
                 inputs = _batches.Feed(inputs, plan.device)
             ran = drive_eager(self.step, inputs)
             inner = self.built[-1]
-            if isinstance(inner, BatchedStep) and inner.ms:  # forward="auto": the seconds of its measured steps
+            if isinstance(inner, BatchedStep) and inner.measured_s:  # forward="auto": the seconds of its measured steps
                 ran.timings["forward_choice"] = inner.measured_s
         return self._result(tracker, ran, engine.notes + ran.notes)
 
@@ -230,9 +230,8 @@ class Chunk:
         else:
             forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
             if inner.mode == "vmap" and inner.measure:
-                most = len(MEASURE) + len(TIMED_PAIR)
-                forward += (f": forward='auto' decided nothing: the run ended within its measured steps (the "
-                            f"first {len(MEASURE)}, or {most} when the two modes measure close)")
+                forward += (f": forward='auto' decided nothing: the run ended within its measured steps ("
+                            f"{inner.calls} calls measured, {len(inner.measure)} more planned; more steps decide)")
             elif inner.mode == "vmap" and inner.choice:
                 forward += f": {inner.choice}"
         parts = [forward] + ([f"{o.accumulate} micro-batches per step"] if o.accumulate > 1 else []) + (

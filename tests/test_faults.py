@@ -232,10 +232,10 @@ def test_oom_inside_vmap_reaches_the_retry_instead_of_the_loop_fallback(tmp_path
     whole = lrfast.find(model, batches, **OOM_KW)
     real = forward.BatchedStep._vmap
 
-    def vmap_oom(self, item):
+    def vmap_oom(self, item, rows=None):
         if self.arena.k > 2:
             raise torch.OutOfMemoryError("injected: out of memory inside vmap")
-        return real(self, item)
+        return real(self, item, rows)
 
     monkeypatch.setattr(forward.BatchedStep, "_vmap", vmap_oom)
     with nothing_lost(model, tmp_path, monkeypatch):

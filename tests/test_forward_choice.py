@@ -99,8 +99,128 @@ def test_auto_measures_a_close_call_twice_and_keeps_the_batched_call_only_when_f
 
 def test_auto_that_runs_out_of_steps_before_deciding_says_so():
     auto = _find("auto", steps=3)
-    said = "forward='auto' decided nothing: the run ended within its measured steps (the first 4, or 6 when"
-    assert said in auto.info["forward"]
+    said = ("forward='auto' decided nothing: the run ended within its measured steps (3 calls measured, 1 more "
+            "planned; more steps decide)")  # fmt: skip
+    assert auto.info["forward"] == f"vmap (K=3): {said}"
+
+
+def _row_clock(monkeypatch, vmap_ms: dict, loop_ms: float):
+    """auto's clock advanced by vmap_ms[m] milliseconds a candidate for a batched call of m rows and by loop_ms a
+    candidate for the loop (and by nothing else); returns the calls, in order: ("vmap", rows) or ("loop", first
+    candidate)."""
+    now, calls, vmap_call, loop = [Fraction(0)], [], F.BatchedStep._vmap_call, F.BatchedStep._loop
+
+    def batched(self, item, rows=None):
+        m = rows or self.arena.k
+        calls.append(("vmap", m))
+        now[0] += Fraction(vmap_ms[m]) * m / 1000
+        return vmap_call(self, item, rows)
+
+    def looped(self, item, start=0, state=None):
+        calls.append(("loop", start))
+        now[0] += Fraction(loop_ms) * (self.arena.k - start) / 1000
+        return loop(self, item, start, state)
+
+    monkeypatch.setattr(F.BatchedStep, "_vmap_call", batched)
+    monkeypatch.setattr(F.BatchedStep, "_loop", looped)
+    monkeypatch.setattr(F, "_clock", lambda: now[0])
+    return calls
+
+
+def _grid8(forward, steps=12, lrs=None):
+    lrs = list(np.geomspace(1e-3, 1e-1, 8)) if lrs is None else lrs
+    return lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
+                       strategy="grid", lrs=lrs, steps=steps, forward=forward, progress=False)  # fmt: skip
+
+
+def test_auto_probes_the_batched_call_on_1_then_2_candidates_and_takes_the_loop_when_its_cost_grows(monkeypatch):
+    """K = 8: the first steps batch candidate 0, then candidates 0-1, the others in the loop; 10 then 11 ms a
+    candidate batched extrapolates to 10 x 1.1^3 = 13.31 at 8, above CLOSE x the loop's 8: the loop runs the rest,
+    and no batched call of 8 rows is ever made."""
+    calls = _row_clock(monkeypatch, {1: 10.0, 2: 11.0}, 8.0)
+    auto = _grid8("auto")
+    probes = [("vmap", 1), ("loop", 1)] * 2 + [("vmap", 2), ("loop", 2)] * 2
+    assert calls == probes + [("loop", 0)] * 8
+    measured = ("measured the batched call (vmap) on 1 then 2 candidates at 10.00 then 11.00 ms a candidate, "
+                "extrapolated ~13.31 at 8 against the loop's 8.00 ms a candidate")  # fmt: skip
+    assert auto.info["forward"] == f"loop (K=8): forward='auto' {measured}"
+    assert any(n.startswith(f"the 8 candidates run as a per-candidate loop: forward='auto' {measured} (the batched")
+               for n in auto.info["notes"])  # fmt: skip
+    assert auto.timings["forward_choice"] == pytest.approx((2 * (10 + 7 * 8) + 2 * (2 * 11 + 6 * 8)) / 1000)
+
+
+def test_auto_probes_larger_while_undecided_then_measures_at_k_and_keeps_the_faster(monkeypatch):
+    """10 then 9 ms a candidate (at 8: ~7.29, between the loop's 8 / CLOSE and 8 x CLOSE): one more probe, on 4
+    candidates; 6.5 there extrapolates to ~4.69, clearly below the loop: the full measurement at K = 8 decides."""
+    calls = _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 6.5, 8: 4.0}, 8.0)
+    auto = _grid8("auto")
+    probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2]
+    assert calls == probes + [("vmap", 8), ("loop", 0), ("vmap", 8), ("loop", 0)] + [("vmap", 8)] * 2
+    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 64.00 ms a step as a loop, 32.00 ms batched "
+                                    "(vmap)")  # fmt: skip
+
+
+def test_probes_run_only_with_shared_masks_and_from_4_candidates():
+    """Seeds draw each candidate's masks in turn (randomness "different"): a loop over some of them would change
+    the others' masks, so they measure at K at once; so does a grid of 3 (one probe size, nothing to extrapolate)."""
+    assert F._schedule(8, "different") == list(F.MEASURE) == F._schedule(3, "same")
+    assert F._schedule(4, "same")[:4] == [("probe", False, 1), ("probe", True, 1), ("probe", False, 2),
+                                          ("probe", True, 2)]  # fmt: skip
+
+
+def test_probe_steps_give_each_candidate_its_k1_curve(monkeypatch):
+    """A probe's step batches the first m candidates and loops over the others from the same generator state (the
+    same dropout masks, BatchNorm statistics per candidate): every row stays its K = 1 run (to rounding; the
+    loop's rows bitwise), whatever the probes decide."""
+    lrs = list(np.geomspace(1e-3, 1e-1, 8))
+    _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 6.5, 8: 4.0}, 8.0)  # probes 1, 2, 4, then the batched call
+    auto = _grid8("auto", lrs=lrs)
+    monkeypatch.undo()
+    for k, lr in enumerate(lrs):
+        one = _grid8("auto", lrs=[lr])
+        np.testing.assert_allclose(auto.losses[k], one.losses[0], rtol=1e-5, atol=0)
+        if k >= 4:  # looped in every probe step (the first 6): bitwise its K = 1 run there
+            np.testing.assert_array_equal(auto.losses[k, :6], one.losses[0, :6])
+
+
+def test_a_batched_call_failing_while_auto_measures_it_at_k_selects_the_loop_from_the_state_before(monkeypatch):
+    """The probes' batched calls ran; the first one of all 8 candidates runs out of memory after its forward has
+    updated BatchNorm's running statistics: the loop runs that step and the rest, from the buffers and the
+    generator as they were before the call (the candidates looped from the start are bitwise a forced loop's,
+    their validation losses, in eval mode on the running statistics, included), and a note says why."""
+    _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 6.5, 8: 4.0}, 8.0)  # probes 1, 2 and 4, then the call of 8 rows
+    loss, call = F.BatchedStep._loss, F.BatchedStep._vmap_call
+
+    def full(self, item, rows=None):
+        self._whole = rows is None
+        return call(self, item, rows)
+
+    def failing(self, *args):
+        out = loss(self, *args)
+        if getattr(self, "_whole", False):  # once
+            self._whole = False
+            raise torch.OutOfMemoryError("injected: out of memory in the batched call")
+        return out
+
+    monkeypatch.setattr(F.BatchedStep, "_vmap_call", full)
+    monkeypatch.setattr(F.BatchedStep, "_loss", failing)
+    val = dict(val_loader=make_batches(n=2, seed=9), val_every=2)
+    lrs = list(np.geomspace(1e-3, 1e-1, 8))
+    auto = lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
+                       strategy="grid", lrs=lrs, steps=12, forward="auto", progress=False, **val)  # fmt: skip
+    monkeypatch.undo()
+    lp = lrfast.find(make_mlp(batchnorm=True, dropout=0.2), make_batches(n=12, batch=16), optimizer="adam",
+                     strategy="grid", lrs=lrs, steps=12, forward="loop", progress=False, **val)  # fmt: skip
+    why = ("vmap failed on step 7 (forward='auto' measuring it on 8 candidates): OutOfMemoryError: injected: out of "
+           "memory in the batched call")  # fmt: skip
+    assert auto.info["forward"] == f"loop (K=8): {why}"
+    assert f"the 8 candidates run as a per-candidate loop (K module calls per step, slower than one batched call): " \
+        f"{why}" in auto.info["notes"]
+    np.testing.assert_allclose(auto.losses, lp.losses, rtol=1e-5, atol=0)
+    # candidates 4-7 ran in the loop at every step: bitwise the forced loop's, validation too once the loop
+    # scores them (from step 7; the probes' steps score in the batched call)
+    np.testing.assert_array_equal(auto.losses[4:], lp.losses[4:])
+    np.testing.assert_array_equal(auto.val_losses[4:, 6:], lp.val_losses[4:, 6:])
 
 
 def test_loop_and_vmap_give_the_same_grid_curves_to_rounding():
@@ -196,8 +316,8 @@ def test_the_batched_call_runs_only_the_rows_up_to_the_last_live_candidate(monke
 
     left_out, call = [], F.BatchedStep._vmap_call
 
-    def checked(self, item):  # the grads of the rows left out: zero, as the loop leaves a stopped candidate's
-        loss = call(self, item)
+    def checked(self, item, rows=None):  # the grads of the rows left out: zero, as the loop leaves a stopped one's
+        loss = call(self, item, rows)
         m = self._rows_run()
         left_out.append(all(bool((g[m:] == 0).all()) for g in self.g))
         return loss

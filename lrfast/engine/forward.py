@@ -152,9 +152,11 @@ class BatchedStep:
         # autograd leaves over the stacked parameter views (the arena's storage): the batched loss is differentiated
         # with respect to them
         self.leaves = [v.detach().requires_grad_() for v in self.p]
-        # forward="auto": the run's first calls are the measurement (MEASURE: the mode and whether it is timed); the
-        # faster mode runs the rest. `choice` says what was measured, `measured_s` how long those calls took
-        self.measure = list(MEASURE) if auto and self.mode == "vmap" and not compile else []
+        # forward="auto": the run's first calls are the measurement (_schedule: the mode, whether it is timed, and a
+        # probe's rows); the faster mode runs the rest. `choice` says what was measured, `measured_s` how long
+        # those calls took
+        self.measure = _schedule(arena.k, randomness) if auto and self.mode == "vmap" and not compile else []
+        self.probes: list[tuple[int, float, float | None]] = []  # (rows batched, ms a row batched, ms a row looped)
         self.ms: dict[str, list[float]] = {}  # timed calls' milliseconds per mode
         self.ms_row: dict[str, list[float]] = {}  # the same per candidate row the call ran (_rows_run)
         self.choice, self.measured_s = "", 0.0
@@ -164,6 +166,8 @@ class BatchedStep:
         self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
         self._nan = torch.tensor(float("nan"), device=arena.device)  # the loss of a stopped candidate left out
         self._zeroed = arena.k  # the batched call's rows [m, K) left out have zero grads from row _zeroed on
+        self._loop_ran = 0  # how many candidates the loop's last call ran
+        self._measuring = False  # inside one of auto's measured calls
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -183,21 +187,27 @@ class BatchedStep:
         kept only when its best timed call was faster than the loop's: the loop runs each candidate at the K = 1
         step's speed, so it is never slower than K separate runs (conv nets and attention on CPU, where vmap's
         convolution, pooling and attention rules lose to K plain calls)."""
-        mode, timed = self.measure.pop(0)
-        if self.mode == "loop":  # vmap failed on its first call: the fallback's note says so, nothing to measure
-            self.measure = []
-            return self._run(item)
-        self.mode = mode
-        rows = self._rows_run()
-        _sync(self.arena.device)
-        t0 = _clock()
+        mode, timed, rows = self.measure.pop(0)
+        self._measuring = True
         try:
-            loss = self._run(item)
+            if mode == "probe":
+                return self._probe(item, rows, timed)
+            self.mode = mode
+            rows = self._rows_run()
+            _sync(self.arena.device)
+            t0 = _clock()
+            try:
+                loss = self._run(item)
+            finally:
+                self.mode = "vmap" if self.mode == mode else self.mode  # a vmap failure left "loop" (and its note)
         finally:
-            self.mode = "vmap" if self.mode == mode else self.mode  # a vmap failure left "loop" (and its note)
+            self._measuring = False
         _sync(self.arena.device)
         seconds = _clock() - t0
         self.measured_s += seconds
+        if self.mode == "loop":  # the batched call failed: the fallback's note says so, nothing more to measure
+            self.measure = []
+            return loss
         if timed:
             self.ms.setdefault(mode, []).append(1e3 * seconds)
             self.ms_row.setdefault(mode, []).append(1e3 * seconds / rows)
@@ -220,26 +230,97 @@ class BatchedStep:
         else:
             self.choice = f"forward='auto' {measured}"
 
-    def _run(self, item) -> torch.Tensor:
+    def _run(self, item, rows: int | None = None) -> torch.Tensor:
+        """One step in the current mode; `rows`: the batched call runs only the first `rows` candidates (a probe's,
+        _probe), unless it fails on the first call, when the loop runs them all."""
         if self.mode == "vmap":
-            rng = capture_rng() if self.calls == 1 else None
+            # forward="auto" measuring the batched call after the first step (a larger one than its probes'): a
+            # failure there (out of memory included) selects the loop too, from the state before the call
+            first, trial = self.calls == 1, self._measuring and self.calls > 1
+            rng = capture_rng() if first or trial else None
+            saved = {n: b.clone() for n, b in self.buffers.items()} if trial else None
             try:
-                loss = self._vmap(item)
+                loss = self._vmap(item, rows)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
-                if self.calls > 1 or is_oom(e) or self.compile:  # out of memory: the caller retries with fewer
-                    raise  # candidates; compiled: the caller retries this vmap eagerly (engine/loop.py drive_graph)
-                # whole sentences: the first line of the message
-                self.mode, self.why = "loop", f"vmap failed on the first step: {type(e).__name__}: {first_line(e)}"
-                self.notes.append(_loop_note(self.arena.k, self.why))
-                self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
-                self._loop_rows = None  # the loop's buffer views are of the new clones
-                restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
-                loss = self._loop_first(item)
+                if self.compile or not (trial or (first and not is_oom(e))):  # out of memory on the first call: the
+                    raise  # caller retries with fewer candidates; compiled: it retries this vmap eagerly (drive_graph)
+                self._fall_back(e, rng, saved, rows or self.arena.k)
+                loss = self._loop_first(item) if self._loop_calls == 0 else self._loop(item)
         else:
             loss = self._loop_first(item) if self._loop_calls == 0 else self._loop(item)
-        if self.calls == 1:
+        if self.calls == 1 and (rows is None or self.mode == "loop"):
             check_finite(loss)
         return loss
+
+    def _fall_back(self, e: Exception, rng, saved: dict | None, rows: int) -> None:
+        """The batched call failed (e): the loop runs from here, from the RNG and buffers as they were before it."""
+        where = ("on the first step" if saved is None else
+                 f"on step {self.calls} (forward='auto' measuring it on {rows} candidates)")  # fmt: skip
+        self.mode, self.why = "loop", f"vmap failed {where}: {type(e).__name__}: {first_line(e)}"  # whole sentences
+        self.notes.append(_loop_note(self.arena.k, self.why))
+        if saved is None:
+            self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
+            self._loop_rows = None  # the loop's buffer views are of the new clones
+        else:
+            for n, b in saved.items():
+                self.buffers[n].copy_(b)
+        restore_rng(rng)  # the failed attempt may have drawn dropout masks: the loop draws them afresh
+
+    def _probe(self, item, m: int, timed: bool) -> torch.Tensor:
+        """forward="auto" with shared batches and masks (randomness "same") and K >= PROBE_FROM: a step whose first m
+        candidates run in one batched call and the others in the loop, each part timed. The batched call's cost a
+        candidate over m = 1, 2, 4, ... tells early whether it can beat the loop at K candidates (_after_probe): a
+        conv net's or a transformer's on CPU stays flat or grows with m (activations K times larger fall out of
+        cache), an MLP's falls. Where it cannot, the loop runs at once, so the run pays for a few small batched
+        calls instead of the full-K ones (the char GPT's at K = 16: 1.7x a looped step each)."""
+        device = self.arena.device
+        state = _rng_state(device)  # randomness "same": the loop's candidates draw the masks the batched rows drew
+        self.mode = "vmap"
+        _sync(device)
+        t0 = _clock()
+        batched = self._run(item, rows=m)
+        if self.mode == "loop":  # the batched call failed on the first step: the loop ran every candidate
+            self.measure = []
+            return batched
+        _sync(device)
+        t1 = _clock()
+        looped = (self._loop_first(item, m, state) if self._loop_calls == 0 else self._loop(item, m, state))
+        _sync(device)
+        t2 = _clock()
+        self.measured_s += t2 - t0
+        loss = torch.cat([batched, looped])
+        if self.calls == 1:
+            check_finite(loss)
+        if timed:
+            n = self._loop_ran
+            self.probes.append((m, 1e3 * (t1 - t0) / m, 1e3 * (t2 - t1) / n if n else None))
+            self._after_probe()
+        return loss
+
+    def _after_probe(self) -> None:
+        """After a timed probe on m candidates: the batched call's cost a candidate at K, extrapolated from its last
+        two sizes (the same factor per doubling); at or above CLOSE x the loop's cost a candidate the loop runs the
+        rest, at or below 1 / CLOSE x (or with no larger probe left) the full-K measurement (MEASURE) decides, in
+        between the next probe (2m) does."""
+        k = self.arena.k
+        looped = [lp for *_, lp in self.probes if lp is not None]
+        if len(self.probes) < 2 or not looped:  # the first size, or every looped candidate stopped: go on
+            return
+        (m0, b0, _), (m1, b1, _) = self.probes[-2:]
+        loop = min(looped)
+        at_k = b1 * (b1 / b0) ** (np.log2(k / m1) / np.log2(m1 / m0))
+        if at_k >= CLOSE * loop:
+            sizes = " then ".join(str(m) for m, *_ in self.probes)
+            costs = " then ".join(f"{b:.2f}" for _, b, _ in self.probes)
+            measured = (f"measured the batched call (vmap) on {sizes} candidates at {costs} ms a candidate, "
+                        f"extrapolated ~{at_k:.2f} at {k} against the loop's {loop:.2f} ms a candidate")  # fmt: skip
+            self.measure = []
+            self.mode, self.why = "loop", f"forward='auto' {measured}"
+            self.notes.append(f"the {k} candidates run as a per-candidate loop: forward='auto' {measured} (the "
+                              "batched call is kept only when it measures faster); forward='vmap' forces the "
+                              "batched call")  # fmt: skip
+        elif at_k > loop / CLOSE and 2 * m1 <= k // 2:
+            self.measure[:0] = _probe_steps(2 * m1)
 
     def _hand_over(self) -> None:
         """forward='auto' kept the batched call. Once candidates stop, the loop runs only the n still running and the
@@ -311,7 +392,7 @@ class BatchedStep:
         """The model with these parameters and buffers (by name) in every slot that holds them."""
         return self.slots.call(self.model, params, buffers, args, kwargs)
 
-    def _vmap(self, item) -> torch.Tensor:
+    def _vmap(self, item, rows: int | None = None) -> torch.Tensor:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
         (each such op runs once per candidate inside the batched step: a slow path); later calls silence them."""
         first = self.calls == 1
@@ -320,7 +401,7 @@ class BatchedStep:
                 warnings.simplefilter("always")
             else:
                 warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)  # said once, in the notes
-            loss = self._vmap_call(item)
+            loss = self._vmap_call(item, rows)
         if first:
             self._note_batching_rules(caught)
         return loss
@@ -348,25 +429,27 @@ class BatchedStep:
             out = self._call(params, buffers, split.args, split.kwargs)
         self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
 
-    def _vmap_call(self, item) -> torch.Tensor:
+    def _vmap_call(self, item, rows: int | None = None) -> torch.Tensor:
         """One batched step: the forward vmapped over the candidates (compiled with compile=True, as ModuleStep
         compiles the model), then plain autograd backward through the batched ops it ran, the grads copied into the
         arena. No functorch grad transform (vmap(grad_and_value)): its first call in a process imports
         torch._dynamo (~1.5-2 s on the 2-core CPU) and its backward runs through the batching rules again, recording
-        a differentiable graph (measured per step on the 2-core CPU: LeNet-5 K = 16 168 ms against 141 ms here)."""
+        a differentiable graph (measured per step on the 2-core CPU: LeNet-5 K = 16 168 ms against 141 ms here).
+        `rows`: only the first `rows` candidates, the others' grads and losses left to the caller (a probe's loop)."""
         if self.compile and self.loss_f is None:
             self._resolve_loss_eagerly(item)
         each = isinstance(item, list)  # one batch per candidate: stacked [K, ...], vmapped too
         s = stack(item) if each else item
         k = self.arena.k
-        m = k if each else self._rows_run()  # per-candidate batches are stacked [K, ...]: every row
+        m = rows or (k if each else self._rows_run())  # per-candidate batches are stacked [K, ...]: every row
         leaves, buffers, dst = self.leaves, self.buffers, self.g
         scale = None if self.scaler is None else self.scaler.scale
         if m < k:  # the rows after the last live candidate have stopped: the first m rows only
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
             buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
             scale = None if scale is None else scale[:m]
-            if m < self._zeroed:  # the rows left out keep zero grads (as the loop leaves a stopped one's), once
+            if rows is None and m < self._zeroed:  # the rows left out keep zero grads (as the loop leaves a stopped
+                # one's), once
                 for g in self.g:
                     g[m : self._zeroed].zero_()
                 self._zeroed = m
@@ -385,7 +468,7 @@ class BatchedStep:
         if used:
             torch._foreach_copy_(*map(list, zip(*used)))
         loss = loss.detach()
-        return loss if m == k else torch.cat([loss, self._nan.to(loss.dtype).expand(k - m)])
+        return loss if m == k or rows else torch.cat([loss, self._nan.to(loss.dtype).expand(k - m)])
 
     def _batched(self, s: Split, each: bool):
         """The vmapped loss for this kind of batch, made at its first call (one batch per candidate: in_dims follow
@@ -399,31 +482,39 @@ class BatchedStep:
     def _compiled(self, f):
         return torch.compile(f, dynamic=False) if self.compile else f
 
-    def _loop_first(self, item) -> torch.Tensor:
+    def _loop_first(self, item, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
         """The loop's first call: a failure of the model's call signature says how lrfast splits batches."""
-        return explain_arity(self._loop, item[0] if isinstance(item, list) else item, item)
+        return explain_arity(self._loop, item[0] if isinstance(item, list) else item, item, start, state)
 
-    def _loop(self, item) -> torch.Tensor:
+    def _loop(self, item, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
         """K calls of the model itself, as a K = 1 run makes them: candidate k's parameters (.data) and grads (.grad)
         pointed at row k of the arena, its buffers swapped in, backward accumulating straight into the arena (no
-        functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent."""
+        functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent. `start`: only
+        candidates start.. (a probe's, whose batched call ran the others from the generator's `state`); returns
+        their losses."""
         self._loop_calls += 1
-        self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
+        if start:
+            for seg in self.arena.segments:
+                seg.g[start:].zero_()
+        else:
+            self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         losses = []
         # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
         # by rewinding the device's generator; not inside a CUDA graph capture, where it cannot be set
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        state = _rng_state(device) if rewind else None
+        state = (_rng_state(device) if state is None else state) if rewind else None
         rows, buffers, live = self._rows(), self._loop_buffers, self._live()
         check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
+        self._loop_ran = 0
         try:
-            for k in range(self.arena.k):
+            for k in range(start, self.arena.k):
                 if live is not None and not live[k]:  # stopped: frozen (LR 0), its loss not recorded, not run
                     losses.append(self._nan)
                     continue
-                if rewind and k:
+                if rewind and (k or start):
                     _set_rng_state(device, state)
+                self._loop_ran += 1
                 split = item[k] if isinstance(item, list) else item
                 for p, data, grads in rows:
                     p.data, p.grad = data[k], grads[k]
@@ -490,9 +581,23 @@ def _loop_note(k: int, why: str) -> str:
 # batched call's first carries one-time costs: imports, vmap's tracing), then a timed call of each, interleaved, so
 # that the two are measured as close together as the machine's swings allow; a timed pair whose ratio is within
 # CLOSE is followed by one more (best of 2 each decides)
-MEASURE = (("vmap", False), ("loop", False), ("vmap", True), ("loop", True))
+MEASURE = (("vmap", False, None), ("loop", False, None), ("vmap", True, None), ("loop", True, None))
 TIMED_PAIR = MEASURE[2:]
 CLOSE = 1.25
+# K >= PROBE_FROM with shared masks: probes first (_probe: m = 1, 2, ... candidates batched, a warm-up and a timed
+# call each), so that a batched call that cannot win is not run at full K
+PROBE_FROM = 4
+
+
+def _probe_steps(m: int) -> list:
+    return [("probe", False, m), ("probe", True, m)]
+
+
+def _schedule(k: int, randomness: str) -> list:
+    """forward="auto"'s measured calls at the start of a run of k candidates: probes on 1 then 2 candidates (more
+    where they do not decide: _after_probe) where the others can run in the loop on the same masks, then MEASURE."""
+    probes = _probe_steps(1) + _probe_steps(2) if k >= PROBE_FROM and randomness == "same" else []
+    return probes + list(MEASURE)
 _clock = time.perf_counter  # the measurement's clock (tests give it a fake one)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
