@@ -1,7 +1,9 @@
 """forward= for K > 1 candidates (issue 19: never slower than K separate runs): "vmap", "loop", or "auto", which
 measures both on the run's first steps (a warm-up of each, then a timed call of each, interleaved, and one more
-timed pair when the first is close) and keeps the batched call only where it measured faster than the loop. The
-measured steps are steps of the run, so the measurement costs only the slower mode's extra time."""
+timed pair when the first is close) and keeps the batched call only where it measured faster than the loop; with
+K >= 4 candidates sharing their masks, probes come first (the first 1, 2, ... candidates batched, the others
+looped), and a batched call whose cost a candidate cannot win at K is never run at K. The measured steps are steps
+of the run, so the measurement costs only the slower mode's extra time."""
 
 from __future__ import annotations
 

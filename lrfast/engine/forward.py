@@ -275,7 +275,6 @@ class BatchedStep:
         calls instead of the full-K ones (the char GPT's at K = 16: 1.7x a looped step each)."""
         device = self.arena.device
         state = _rng_state(device)  # randomness "same": the loop's candidates draw the masks the batched rows drew
-        self.mode = "vmap"
         _sync(device)
         t0 = _clock()
         batched = self._run(item, rows=m)
@@ -448,8 +447,8 @@ class BatchedStep:
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
             buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
             scale = None if scale is None else scale[:m]
-            if rows is None and m < self._zeroed:  # the rows left out keep zero grads (as the loop leaves a stopped
-                # one's), once
+            if rows is None and m < self._zeroed:  # the stopped rows left out keep zero grads, as the loop leaves
+                # a stopped candidate's (set once; a probe's loop writes its rows itself)
                 for g in self.g:
                     g[m : self._zeroed].zero_()
                 self._zeroed = m
