@@ -162,6 +162,18 @@ def test_auto_probes_larger_while_undecided_then_measures_at_k_and_keeps_the_fas
                                     "(vmap)")  # fmt: skip
 
 
+def test_auto_takes_the_loop_when_the_last_probe_extrapolates_to_no_win_at_k(monkeypatch):
+    """10 then 9 ms a candidate: undecided, one more probe on 4 (= K / 2, the last); 8.5 there extrapolates to
+    ~8.03 at 8, within CLOSE of the loop's 8 but not below it: the loop runs the rest, no full-K batched call."""
+    calls = _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 8.5}, 8.0)
+    auto = _grid8("auto")
+    probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2]
+    assert calls == probes + [("loop", 0)] * 6
+    assert auto.info["forward"] == ("loop (K=8): forward='auto' measured the batched call (vmap) on 1 then 2 then 4 "
+                                    "candidates at 10.00 then 9.00 then 8.50 ms a candidate, extrapolated ~8.03 at 8 "
+                                    "against the loop's 8.00 ms a candidate")  # fmt: skip
+
+
 def test_probes_run_only_with_shared_masks_and_from_4_candidates():
     """Seeds draw each candidate's masks in turn (randomness "different"): a loop over some of them would change
     the others' masks, so they measure at K at once; so does a grid of 3 (one probe size, nothing to extrapolate)."""

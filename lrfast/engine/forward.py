@@ -299,8 +299,10 @@ class BatchedStep:
     def _after_probe(self) -> None:
         """After a timed probe on m candidates: the batched call's cost a candidate at K, extrapolated from its last
         two sizes (the same factor per doubling); at or above CLOSE x the loop's cost a candidate the loop runs the
-        rest, at or below 1 / CLOSE x (or with no larger probe left) the full-K measurement (MEASURE) decides, in
-        between the next probe (2m) does."""
+        rest, at or below 1 / CLOSE x the full-K measurement (MEASURE) decides, in between the next probe (2m) does;
+        with no larger probe left (2m > K / 2: one doubling from K), the loop runs the rest when the extrapolation is
+        at or above its cost, else the full-K measurement decides (costs a candidate that stay flat near the loop's,
+        the char GPT's, would otherwise run it: 10 of a 20-step run measured at K = 8)."""
         k = self.arena.k
         looped = [lp for *_, lp in self.probes if lp is not None]
         if len(self.probes) < 2 or not looped:  # the first size, or every looped candidate stopped: go on
@@ -308,7 +310,8 @@ class BatchedStep:
         (m0, b0, _), (m1, b1, _) = self.probes[-2:]
         loop = min(looped)
         at_k = b1 * (b1 / b0) ** (np.log2(k / m1) / np.log2(m1 / m0))
-        if at_k >= CLOSE * loop:
+        last = 2 * m1 > k // 2
+        if at_k >= (1 if last else CLOSE) * loop:
             sizes = " then ".join(str(m) for m, *_ in self.probes)
             costs = " then ".join(f"{b:.2f}" for _, b, _ in self.probes)
             measured = (f"measured the batched call (vmap) on {sizes} candidates at {costs} ms a candidate, "
@@ -318,7 +321,7 @@ class BatchedStep:
             self.notes.append(f"the {k} candidates run as a per-candidate loop: forward='auto' {measured} (the "
                               "batched call is kept only when it measures faster); forward='vmap' forces the "
                               "batched call")  # fmt: skip
-        elif at_k > loop / CLOSE and 2 * m1 <= k // 2:
+        elif at_k > loop / CLOSE and not last:
             self.measure[:0] = _probe_steps(2 * m1)
 
     def _hand_over(self) -> None:
