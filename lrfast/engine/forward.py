@@ -187,11 +187,11 @@ class BatchedStep:
         kept only when its best timed call was faster than the loop's: the loop runs each candidate at the K = 1
         step's speed, so it is never slower than K separate runs (conv nets and attention on CPU, where vmap's
         convolution, pooling and attention rules lose to K plain calls)."""
-        mode, timed, rows = self.measure.pop(0)
+        mode, timed, m = self.measure.pop(0)  # m: a probe's batched rows
         self._measuring = True
         try:
             if mode == "probe":
-                return self._probe(item, rows, timed)
+                return self._probe(item, m, timed)
             self.mode = mode
             rows = self._rows_run()
             _sync(self.arena.device)
@@ -205,8 +205,7 @@ class BatchedStep:
         _sync(self.arena.device)
         seconds = _clock() - t0
         self.measured_s += seconds
-        if self.mode == "loop":  # the batched call failed: the fallback's note says so, nothing more to measure
-            self.measure = []
+        if self.mode == "loop":  # the batched call failed: the fallback's note says so (_fall_back)
             return loss
         if timed:
             self.ms.setdefault(mode, []).append(1e3 * seconds)
@@ -245,9 +244,9 @@ class BatchedStep:
                 if self.compile or not (trial or (first and not is_oom(e))):  # out of memory on the first call: the
                     raise  # caller retries with fewer candidates; compiled: it retries this vmap eagerly (drive_graph)
                 self._fall_back(e, rng, saved, rows or self.arena.k)
-                loss = self._loop_first(item) if self._loop_calls == 0 else self._loop(item)
+                loss = self._looped(item)
         else:
-            loss = self._loop_first(item) if self._loop_calls == 0 else self._loop(item)
+            loss = self._looped(item)
         if self.calls == 1 and (rows is None or self.mode == "loop"):
             check_finite(loss)
         return loss
@@ -258,6 +257,7 @@ class BatchedStep:
                  f"on step {self.calls} (forward='auto' measuring it on {rows} candidates)")  # fmt: skip
         self.mode, self.why = "loop", f"vmap failed {where}: {type(e).__name__}: {first_line(e)}"  # whole sentences
         self.notes.append(_loop_note(self.arena.k, self.why))
+        self.measure = []  # forward="auto": nothing more to measure
         if saved is None:
             self.buffers, self.loss_f = _clone_buffers(self.model, self.arena.k), None
             self._loop_rows = None  # the loop's buffer views are of the new clones
@@ -278,12 +278,11 @@ class BatchedStep:
         _sync(device)
         t0 = _clock()
         batched = self._run(item, rows=m)
-        if self.mode == "loop":  # the batched call failed on the first step: the loop ran every candidate
-            self.measure = []
+        if self.mode == "loop":  # the batched call failed (_fall_back): the loop ran every candidate
             return batched
         _sync(device)
         t1 = _clock()
-        looped = (self._loop_first(item, m, state) if self._loop_calls == 0 else self._loop(item, m, state))
+        looped = self._looped(item, m, state)
         _sync(device)
         t2 = _clock()
         self.measured_s += t2 - t0
@@ -484,8 +483,10 @@ class BatchedStep:
     def _compiled(self, f):
         return torch.compile(f, dynamic=False) if self.compile else f
 
-    def _loop_first(self, item, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
-        """The loop's first call: a failure of the model's call signature says how lrfast splits batches."""
+    def _looped(self, item, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
+        """_loop; on its first call a failure of the model's call signature says how lrfast splits batches."""
+        if self._loop_calls:
+            return self._loop(item, start, state)
         return explain_arity(self._loop, item[0] if isinstance(item, list) else item, item, start, state)
 
     def _loop(self, item, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
@@ -600,6 +601,8 @@ def _schedule(k: int, randomness: str) -> list:
     where they do not decide: _after_probe) where the others can run in the loop on the same masks, then MEASURE."""
     probes = _probe_steps(1) + _probe_steps(2) if k >= PROBE_FROM and randomness == "same" else []
     return probes + list(MEASURE)
+
+
 _clock = time.perf_counter  # the measurement's clock (tests give it a fake one)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
