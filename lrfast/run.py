@@ -185,7 +185,12 @@ class Chunk:
             self.step.forward = self._forward(False, auto=o.forward == "auto")
             if self.data.mode == "host":
                 inputs = _batches.Feed(inputs, plan.device)
-            ran = drive_eager(self.step, inputs)
+            try:
+                ran = drive_eager(self.step, inputs)
+            finally:
+                for built in self.built:
+                    if isinstance(built, BatchedStep):
+                        built.close()  # the loop's threads, if it ran on any
             inner = self.built[-1]
             if isinstance(inner, BatchedStep) and inner.measured_s:  # forward="auto": the seconds of its measured steps
                 ran.timings["forward_choice"] = inner.measured_s

@@ -1,5 +1,6 @@
 """Small models, batches and state comparisons shared by the tests."""
 
+import contextlib
 import importlib
 import os
 import random
@@ -102,3 +103,16 @@ def triton_kernels():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch set to n intra-op threads meanwhile. A loop of K candidates on a CPU arena runs them side by side on
+    min(K, n) threads, each with n // min(K, n) of them (engine/forward.py: _Threads), so a candidate's ops there
+    are a K = 1 run's at that count: bitwise equal to it, where the same ops at another count round otherwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

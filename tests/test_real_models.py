@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_close_in_ulps, assert_same_rng, assert_same_state, rng_states, state_of
+from _helpers import assert_close_in_ulps, assert_same_rng, assert_same_state, rng_states, state_of, torch_threads
 from torch import nn
 
 import lrfast
@@ -253,13 +253,18 @@ def test_bert_seeds_loop_equals_per_candidate_plain_loops(dropout):
     same ops as K plain loops, so the curves are equal bitwise. With dropout, candidate k's masks are the loop's draws
     from the generator seeded with `seed`, candidate after candidate at each step (forward.py: "different" randomness,
     drawn from the one global generator), as K interleaved plain loops draw them: the draws of the vmap attempt that
-    failed (BERT's embedding dropout runs before the mask is built) are not the run's."""
+    failed (BERT's embedding dropout runs before the mask is built) are not the run's. Without dropout the loop runs
+    the 2 candidates side by side on 2 threads of 1 of torch's 2 (_helpers.torch_threads), so the plain loops run
+    on 1; with dropout one after another on 2 (a thread would draw its masks in no fixed order)."""
     model, batches = make_bert(dropout), bert_batches()
-    res = find(model, batches, strategy="seeds", candidates=2, min_lr=1e-4, max_lr=1e-1)
+    with torch_threads(2):
+        res = find(model, batches, strategy="seeds", candidates=2, min_lr=1e-4, max_lr=1e-1)
     assert res.info["forward"].startswith("loop (K=2)")
+    assert any("not on threads" in n and "random numbers" in n for n in res.info["notes"]) == (dropout > 0)
     orders = strategies.orders("seeds", 2, STEPS, SEED)  # replica k's batch order, drawn from (seed, k)
-    expected = plain_losses([make_bert(dropout) for _ in range(2)], batches, orders, res.lrs,
-                            torch_twin(res.info["optimizer_path"]))  # fmt: skip
+    with torch_threads(2 if dropout else 1):
+        expected = plain_losses([make_bert(dropout) for _ in range(2)], batches, orders, res.lrs,
+                                torch_twin(res.info["optimizer_path"]))  # fmt: skip
     np.testing.assert_array_equal(res.losses, expected)
 
 

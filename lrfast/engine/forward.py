@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -168,6 +170,11 @@ class BatchedStep:
         self._zeroed = arena.k  # the batched call's rows [m, K) left out have zero grads from row _zeroed on
         self._loop_ran = 0  # how many candidates the loop's last call ran
         self._measuring = False  # inside one of auto's measured calls
+        self._threads: _Threads | None = None  # the loop's threads (_start_threads), with a replica of the model each
+        self._replicas: list[tuple[nn.Module, Slots, list]] = []  # (replica, its slots, its _rows())
+        self._unthreadable: str | None = None  # why the loop cannot run on threads ('' it can; None: not looked at)
+        self._draws: bool | None = None  # the model drew random numbers in the loop's first candidate (None: not run)
+        self._rng_before: torch.Tensor | None = None  # the generator's state before that candidate
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -228,6 +235,7 @@ class BatchedStep:
                               "batched call")  # fmt: skip
         else:
             self.choice = f"forward='auto' {measured}"
+            self.close()  # the loop's threads, if it had any: the batched call runs the rest
 
     def _run(self, item, rows: int | None = None) -> torch.Tensor:
         """One step in the current mode; `rows`: the batched call runs only the first `rows` candidates (a probe's,
@@ -239,7 +247,8 @@ class BatchedStep:
             rng = capture_rng() if first or trial else None
             saved = {n: b.clone() for n, b in self.buffers.items()} if trial else None
             try:
-                loss = self._vmap(item, rows)
+                with self._all_threads():
+                    loss = self._vmap(item, rows)
             except Exception as e:  # noqa: BLE001 - any failure on the first call selects the loop
                 if self.compile or not (trial or (first and not is_oom(e))):  # out of memory on the first call: the
                     raise  # caller retries with fewer candidates; compiled: it retries this vmap eagerly (drive_graph)
@@ -365,33 +374,53 @@ class BatchedStep:
         params = dict(zip(self.names, self.p))
         live = None if self.alive is None else self.alive.numpy()  # eval mode draws nothing: any randomness
         self.model.eval()
+        for r, *_ in self._replicas:
+            r.eval()
         try:
             total = 0
             for s in splits:
                 if self.mode == "vmap":
                     f = vmap(self._loss, in_dims=(0, 0, None, None, None), randomness="same")
-                    with _batchable_attention(self.arena.device):
+                    with _batchable_attention(self.arena.device), self._all_threads():
                         total = total + f(params, self.buffers, s.args, s.kwargs, s.target)
                 else:
-                    total = total + torch.stack([
-                        self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
-                                   s.args, s.kwargs, s.target).reshape(()) if live is None or live[k] else self._nan
-                        for k in range(self.arena.k)])  # fmt: skip
+                    total = total + self._evaluate_loop(s, params, live)
         finally:
             self.model.train()
+            for r, *_ in self._replicas:
+                r.train()
         return total / len(splits)
 
-    def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target) -> torch.Tensor:
+    def _evaluate_loop(self, s: Split, params: dict, live) -> torch.Tensor:
+        """The loop's validation losses [K] on one batch (NaN for a stopped candidate), on its threads if any."""
+        ks = [k for k in range(self.arena.k) if live is None or live[k]]
+        losses: dict[int, torch.Tensor] = {}
+
+        def score(k: int, model: nn.Module = self.model, slots: Slots | None = None, rows=None) -> None:
+            losses[k] = self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
+                                   s.args, s.kwargs, s.target, (model, slots or self.slots)).reshape(())
+
+        if self._threads is not None and len(ks) > 1:
+            self._each(ks, score)
+        else:
+            for k in ks:
+                score(k)
+        return torch.stack([losses.get(k, self._nan) for k in range(self.arena.k)])
+
+    def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target, on=None) -> torch.Tensor:
+        """`on`: (a replica, its slots) to call instead of the model (a thread of the loop's)."""
         split = Split(args, kwargs, target)
         with autocast(self.arena.device, self.precision):
-            out = self._call(params, buffers, args, kwargs)
+            out = self._call(params, buffers, args, kwargs, on)
             if self.loss_f is None:
                 self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
             return self.loss_f(out, split).float()
 
-    def _call(self, params: dict, buffers: dict, args: tuple, kwargs: dict):
-        """The model with these parameters and buffers (by name) in every slot that holds them."""
-        return self.slots.call(self.model, params, buffers, args, kwargs)
+    def _call(self, params: dict, buffers: dict, args: tuple, kwargs: dict, on=None):
+        """The model (`on`: (a replica, its slots)) with these parameters and buffers (by name) in every slot that
+        holds them."""
+        model, slots = on or (self.model, self.slots)
+        return slots.call(model, params, buffers, args, kwargs)
 
     def _vmap(self, item, rows: int | None = None) -> torch.Tensor:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
@@ -494,54 +523,147 @@ class BatchedStep:
         pointed at row k of the arena, its buffers swapped in, backward accumulating straight into the arena (no
         functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent. `start`: only
         candidates start.. (a probe's, whose batched call ran the others from the generator's `state`); returns
-        their losses."""
+        their losses. On a CPU arena the candidates run side by side on threads (_threaded_loop) where they can."""
         self._loop_calls += 1
         if start:
             for seg in self.arena.segments:
                 seg.g[start:].zero_()
         else:
             self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
-        losses = []
         # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
         # by rewinding the device's generator; not inside a CUDA graph capture, where it cannot be set
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         state = (_rng_state(device) if state is None else state) if rewind else None
-        rows, buffers, live = self._rows(), self._loop_buffers, self._live()
+        rows, live = self._rows(), self._live()
         check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
-        self._loop_ran = 0
+        ks = [k for k in range(start, self.arena.k) if live is None or live[k]]  # stopped: frozen (LR 0), not run
+        self._loop_ran = len(ks)
+        losses: dict[int, torch.Tensor] = {}
+        if self._draws is False:
+            self._start_threads()
+        elif self._draws is None:  # the first candidate's draws are looked at after it (_threaded_loop)
+            self._rng_before = _rng_state(device) if state is None else state
         try:
-            for k in range(start, self.arena.k):
-                if live is not None and not live[k]:  # stopped: frozen (LR 0), its loss not recorded, not run
-                    losses.append(self._nan)
-                    continue
+            for i, k in enumerate(ks):
+                if (i or self._draws is False) and self._threaded_loop(item, ks[i:], losses, check):
+                    break  # the first call runs its first candidate here, to see whether it draws random numbers
                 if rewind and (k or start):
                     _set_rng_state(device, state)
-                self._loop_ran += 1
-                split = item[k] if isinstance(item, list) else item
-                for p, data, grads in rows:
-                    p.data, p.grad = data[k], grads[k]
-                with autocast(device, self.precision):
-                    if buffers:
-                        out = self._call({}, buffers[k], split.args, split.kwargs)
-                    else:  # nothing to swap: the model itself, as a K = 1 run calls it
-                        out = self.model(*split.args, **split.kwargs)
-                    if self.loss_f is None:
-                        self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
-                    loss = self.loss_f(out, split)
-                check_scalar(loss)
-                loss = loss.reshape(())
-                (loss.float() if self.scaler is None else loss.float() * self.scaler.scale[k]).backward()
-                if check or self._copy_grads:
-                    for p, _, grads in rows:
-                        if p.grad is not None and p.grad is not grads[k]:  # autograd replaced the preset view
-                            grads[k].copy_(p.grad)
-                            self._copy_grads = True
-                losses.append(loss.detach())
+                losses[k] = self._candidate(k, self.model, self.slots, rows, item, check)
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
-        return torch.stack(losses).float()
+        return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
+
+    def _threaded_loop(self, item, ks: list, losses: dict, check: bool) -> bool:
+        """After the loop's first candidate of a call: the candidates ks on the loop's threads (_threads), if it has
+        them; False where it does not (then the caller runs them one after another). The first time, a first
+        candidate that drew random numbers (dropout...) rules the threads out, as they would draw them in no fixed
+        order; a later call that drew some stops them from the next call on (a model drawing only from some step
+        on: the note says at which call)."""
+        if self._draws is None:  # the first candidate of the first call just ran, from the state captured before it
+            self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
+            if not self._draws:
+                self._start_threads()
+            elif self._threads_wanted() > 1:
+                self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads "
+                                  "side by side: the model draws random numbers in its forward (dropout...), which "
+                                  "threads would draw in no fixed order")  # fmt: skip
+        if self._threads is None or self._draws:
+            return False
+        before = _rng_state(self.arena.device)
+
+        def run(k: int, model: nn.Module, slots: Slots, rows: list) -> None:
+            losses[k] = self._candidate(k, model, slots, rows, item, check)
+
+        self._each(ks, run)
+        if not torch.equal(_rng_state(self.arena.device), before):
+            self._draws = True
+            self.close()
+            self.notes.append(f"the loop ran the candidates on threads up to call {self._loop_calls}, where the model "
+                              "drew random numbers (in no fixed order across the candidates that call); it runs them "
+                              "one after another from there")  # fmt: skip
+        return True
+
+    def _candidate(self, k: int, model: nn.Module, slots: Slots, rows: list, item, check: bool) -> torch.Tensor:
+        """Candidate k's forward and backward through `model` (the user's, or a thread's replica) whose parameters
+        `rows` lists; its detached loss."""
+        split = item[k] if isinstance(item, list) else item
+        for p, data, grads in rows:
+            p.data, p.grad = data[k], grads[k]
+        with autocast(self.arena.device, self.precision):
+            if self._loop_buffers:
+                out = slots.call(model, {}, self._loop_buffers[k], split.args, split.kwargs)
+            else:  # nothing to swap: the model itself, as a K = 1 run calls it
+                out = model(*split.args, **split.kwargs)
+            if self.loss_f is None:
+                self.loss_f, self.loss_desc = resolve_loss(self.user_loss_fn, out, split)
+            loss = self.loss_f(out, split)
+        check_scalar(loss)
+        loss = loss.reshape(())
+        (loss.float() if self.scaler is None else loss.float() * self.scaler.scale[k]).backward()
+        if check or self._copy_grads:
+            for p, _, grads in rows:
+                if p.grad is not None and p.grad is not grads[k]:  # autograd replaced the preset view
+                    grads[k].copy_(p.grad)
+                    self._copy_grads = True
+        return loss.detach()
+
+    def _start_threads(self) -> None:
+        """The loop's threads, at its first call on a CPU arena with torch set to 2 or more threads (again after a
+        batched call auto kept hands over to the loop). Each thread calls its own replica of the model (_replica, as
+        nn.DataParallel's) with a share of torch's threads (_Threads), so that n threads together use what one K = 1
+        step uses: small layers keep one core busy far better than two (LeNet-5, K = 4, the 2-core CPU: 31-32 ms a
+        step on 2 threads of 1 against 39-40 one after another on 2). Not where the model has hooks (they would run
+        on a replica, on threads) or cannot be replicated: the note says why."""
+        n = self._threads_wanted()
+        if self._threads is not None or n < 2:
+            return
+        if self._unthreadable is None:
+            self._unthreadable = _unthreadable(self.model)
+            try:
+                if not self._unthreadable:
+                    _replica(self.model)
+            except Exception as e:  # noqa: BLE001 - a model that cannot be replicated: one call after another
+                self._unthreadable = f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})"
+            if self._unthreadable:
+                self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on {n} threads "
+                                  f"side by side: {self._unthreadable}")  # fmt: skip
+        if self._unthreadable:
+            return
+        rows = self._rows()
+        self._replicas = [(r, Slots(r), [(params[id(p)], d, g) for p, d, g in rows])
+                          for r, params in (_replica(self.model) for _ in range(n))]  # fmt: skip
+        self._threads = _Threads(n)
+
+    def _threads_wanted(self) -> int:
+        """How many threads the loop would run on (1: none; only on a CPU arena)."""
+        return min(self.arena.k, torch.get_num_threads()) if self.arena.device.type == "cpu" else 1
+
+    def _each(self, ks: list, fn) -> None:
+        """fn(k, model, slots, rows) for each candidate k in ks, shared out among the loop's threads, each calling
+        its replica (one after another within a share), in the caller's grad mode."""
+        grad, n = torch.is_grad_enabled(), len(self._replicas)
+
+        def share(w: int) -> None:
+            model, slots, rows = self._replicas[w]
+            with torch.set_grad_enabled(grad):
+                for k in ks[w::n]:
+                    fn(k, model, slots, rows)
+
+        self._threads.run(share, min(len(ks), n))
+
+    def _all_threads(self):
+        """The calling thread on all of torch's threads for a batched call, where the loop's threads hold it to a
+        share (auto measuring both)."""
+        return contextlib.nullcontext() if self._threads is None else self._threads.all()
+
+    def close(self) -> None:
+        """The loop's threads, if any, stopped (the run's end)."""
+        if self._threads is not None:
+            self._threads.close()
+            self._threads, self._replicas = None, []
 
     def _rows(self) -> list:
         """[(parameter, its view in each candidate's row, its grad view in each row)], made once, with each
@@ -581,11 +703,12 @@ def _loop_note(k: int, why: str) -> str:
 
 
 # forward="auto": the modes of the run's first calls, and whether the call is the timed one: a warm-up of each (the
-# batched call's first carries one-time costs: imports, vmap's tracing), then a timed call of each, interleaved, so
-# that the two are measured as close together as the machine's swings allow; a timed pair whose ratio is within
-# CLOSE is followed by one more (best of 2 each decides)
-MEASURE = (("vmap", False, None), ("loop", False, None), ("vmap", True, None), ("loop", True, None))
-TIMED_PAIR = MEASURE[2:]
+# batched call's first carries one-time costs: imports, vmap's tracing), then a timed call of each, close together
+# so that both see the machine's same swings; a timed pair whose ratio is within CLOSE is followed by one more (best
+# of 2 each decides). A timed loop call follows a loop call: after a batched call on all of torch's threads, the
+# OpenMP threads it woke spin for milliseconds on the cores the loop's threads start on (_Threads)
+MEASURE = (("vmap", False, None), ("loop", False, None), ("loop", True, None), ("vmap", True, None))
+TIMED_PAIR = (("loop", False, None), *MEASURE[2:])
 CLOSE = 1.25
 # K >= PROBE_FROM with shared masks: probes first (_probe: m = 1, 2, ... candidates batched, a warm-up and a timed
 # call each), so that a batched call that cannot win is not run at full K
@@ -639,3 +762,102 @@ def stackable(splits: list[Split]) -> str:
     """'' when the per-candidate batches can be stacked for vmap, else why not."""
     why = stack_difference(splits)
     return f"{why}: seeds run a loop" if why else ""
+
+
+class _Threads:
+    """The calling thread and n - 1 more, for the loop's candidates side by side (a CPU arena), from creation to
+    close() each set to 1/n of the threads torch was set to, so that together they use the cores one K = 1 step
+    uses. The calling thread runs a share of each call, and runs its own work between calls (the optimizer, the
+    tracker) on its share too: left at the full count, its last parallel op before a call leaves OpenMP threads
+    spinning on the other cores for milliseconds, which the shares started there wait out (measured: the second of
+    2 threads starting 2-5 ms into a 20 ms LeNet-5 step; 0.3 ms with the calling thread on its share).
+    torch.set_num_threads in a thread also sets the process-wide count new threads start with: each thread reads its
+    own first (initialising it) and sets its share; close() puts the calling thread's and the process's back."""
+
+    def __init__(self, n: int):
+        self.total = torch.get_num_threads()
+        self.share = share = max(1, self.total // n)
+        ready = threading.Barrier(n, timeout=60)
+
+        def start() -> None:
+            torch.get_num_threads()  # this thread's count initialised, before set_num_threads changes the default
+            torch.set_num_threads(share)
+            ready.wait()
+
+        self.pool = ThreadPoolExecutor(n - 1, thread_name_prefix="lrfast-loop")
+        torch.set_num_threads(share)
+        try:
+            started = [self.pool.submit(start) for _ in range(n - 1)]  # each blocks at the barrier: n - 1 threads
+            ready.wait()
+            for f in started:
+                f.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, fn, n: int) -> None:
+        """fn(0) on the calling thread and fn(1) ... fn(n - 1) on the others, side by side; returns once all are
+        done, raising the first failure."""
+        others = [self.pool.submit(fn, w) for w in range(1, n)]
+        try:
+            fn(0)
+        finally:
+            wait(others)
+        for f in others:
+            f.result()
+
+    @contextlib.contextmanager
+    def all(self):
+        """The calling thread on the full count meanwhile (a batched call between the loop's)."""
+        torch.set_num_threads(self.total)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.share)
+
+    def close(self) -> None:
+        torch.set_num_threads(self.total)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _replica(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    """A copy of the model for one of the loop's threads, made as nn.DataParallel's replicate makes its replicas:
+    each module copied (attributes shared, its own parameter, buffer and child dicts; RNNs their own flat-weight
+    lists), each parameter a new Parameter over the same data (the loop points it at a candidate's row), tied ones
+    tied again, each buffer the same tensor (the loop swaps a candidate's in for the call). Returns it and
+    {id(the model's parameter): the replica's}."""
+    copies: dict[int, nn.Module] = {}
+    params: dict[int, nn.Parameter] = {}
+
+    def copy(m: nn.Module) -> nn.Module:
+        if id(m) not in copies:
+            r = copies[id(m)] = m._replicate_for_data_parallel()
+            for name, p in m._parameters.items():
+                if p is None:
+                    r._parameters[name] = None
+                    continue
+                if id(p) not in params:
+                    params[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+                setattr(r, name, params[id(p)])  # setattr: an RNN's flat-weight list follows
+            r._modules = {name: None if c is None else copy(c) for name, c in m._modules.items()}
+        return copies[id(m)]
+
+    return copy(model), params
+
+
+def _unthreadable(model: nn.Module) -> str:
+    """Why the loop's threads cannot serve this model ('' when they can)."""
+    from torch.nn.modules import module as nn_module
+
+    if any((nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
+            nn_module._global_backward_pre_hooks)):  # fmt: skip
+        return "module hooks are registered globally (they would run on the threads)"
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule":  # torch.compile's wrapper calls the module it wraps, not a replica
+            return f"{name or 'the model'} is compiled (torch.compile); pass the module itself"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"{name or 'the model'} has hooks (they would run on a replica, on threads)"
+    for name, p in model.named_parameters():
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            return f"parameter {name} has hooks (a replica's parameters would not run them)"
+    return ""
