@@ -523,7 +523,8 @@ class BatchedStep:
         pointed at row k of the arena, its buffers swapped in, backward accumulating straight into the arena (no
         functional call, no grads to copy). The parameters point at row 0 again afterwards, as lent. `start`: only
         candidates start.. (a probe's, whose batched call ran the others from the generator's `state`); returns
-        their losses. On a CPU arena the candidates run side by side on threads (_threaded_loop) where they can."""
+        their losses. On a CPU arena the candidates run side by side on threads where they can (_threaded,
+        _threads_for_the_rest)."""
         self._loop_calls += 1
         if start:
             for seg in self.arena.segments:
@@ -540,38 +541,56 @@ class BatchedStep:
         ks = [k for k in range(start, self.arena.k) if live is None or live[k]]  # stopped: frozen (LR 0), not run
         self._loop_ran = len(ks)
         losses: dict[int, torch.Tensor] = {}
+        first = self._draws is None and len(ks) > 1  # its first candidate tells whether the others can run on threads
         if self._draws is False:
             self._start_threads()
-        elif self._draws is None:  # the first candidate's draws are looked at after it (_threaded_loop)
+        elif first:
             self._rng_before = _rng_state(device) if state is None else state
+            saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
         try:
-            for i, k in enumerate(ks):
-                if (i or self._draws is False) and self._threaded_loop(item, ks[i:], losses, check):
-                    break  # the first call runs its first candidate here, to see whether it draws random numbers
-                if rewind and (k or start):
-                    _set_rng_state(device, state)
-                losses[k] = self._candidate(k, self.model, self.slots, rows, item, check)
+            if self._threads is not None:
+                self._threaded(item, ks, losses, check)
+            else:
+                for i, k in enumerate(ks):
+                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved):
+                        self._threaded(item, ks, losses, check)  # candidate ks[0] again, on its share of threads
+                        break
+                    if rewind and (k or start):
+                        _set_rng_state(device, state)
+                    losses[k] = self._candidate(k, self.model, self.slots, rows, item, check)
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
-    def _threaded_loop(self, item, ks: list, losses: dict, check: bool) -> bool:
-        """After the loop's first candidate of a call: the candidates ks on the loop's threads (_threads), if it has
-        them; False where it does not (then the caller runs them one after another). The first time, a first
-        candidate that drew random numbers (dropout...) rules the threads out, as they would draw them in no fixed
-        order; a later call that drew some stops them from the next call on (a model drawing only from some step
-        on: the note says at which call)."""
-        if self._draws is None:  # the first candidate of the first call just ran, from the state captured before it
-            self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
-            if not self._draws:
-                self._start_threads()
-            elif self._threads_wanted() > 1:
+    def _threads_for_the_rest(self, k: int, saved: dict) -> bool:
+        """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs:
+        True where the loop's threads now run the call (_start_threads), from k again. k ran on another count of
+        threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and the generator are
+        put back as they were before it, so that every step of every candidate is a K = 1 run's at the share, for
+        one candidate's step more. A candidate that drew random numbers (dropout...) rules the threads out: they
+        would draw them in no fixed order."""
+        self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
+        if self._draws:
+            if self._threads_wanted() > 1:
                 self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads "
                                   "side by side: the model draws random numbers in its forward (dropout...), which "
                                   "threads would draw in no fixed order")  # fmt: skip
-        if self._threads is None or self._draws:
             return False
+        self._start_threads()
+        if self._threads is None:
+            return False
+        for seg in self.arena.segments:
+            seg.g[k].zero_()
+        for n, b in saved.items():
+            self._loop_buffers[k][n].copy_(b)
+        _set_rng_state(self.arena.device, self._rng_before)
+        return True
+
+    def _threaded(self, item, ks: list, losses: dict, check: bool) -> None:
+        """The candidates ks on the loop's threads (_each); then a check that nothing drew random numbers (a model
+        whose forward draws only from some step on): where something did, the loop runs one candidate after another
+        from the next call on (the note says from which)."""
         before = _rng_state(self.arena.device)
 
         def run(k: int, model: nn.Module, slots: Slots, rows: list) -> None:
@@ -584,7 +603,6 @@ class BatchedStep:
             self.notes.append(f"the loop ran the candidates on threads up to call {self._loop_calls}, where the model "
                               "drew random numbers (in no fixed order across the candidates that call); it runs them "
                               "one after another from there")  # fmt: skip
-        return True
 
     def _candidate(self, k: int, model: nn.Module, slots: Slots, rows: list, item, check: bool) -> torch.Tensor:
         """Candidate k's forward and backward through `model` (the user's, or a thread's replica) whose parameters
@@ -766,11 +784,12 @@ def stackable(splits: list[Split]) -> str:
 
 class _Threads:
     """The calling thread and n - 1 more, for the loop's candidates side by side (a CPU arena), from creation to
-    close() each set to 1/n of the threads torch was set to, so that together they use the cores one K = 1 step
-    uses. The calling thread runs a share of each call, and runs its own work between calls (the optimizer, the
-    tracker) on its share too: left at the full count, its last parallel op before a call leaves OpenMP threads
-    spinning on the other cores for milliseconds, which the shares started there wait out (measured: the second of
-    2 threads starting 2-5 ms into a 20 ms LeNet-5 step; 0.3 ms with the calling thread on its share).
+    close() each set to 1/n of the threads torch was set to (1/m for a call of m < n candidates), so that together
+    they use the cores one K = 1 step uses. The calling thread runs a share of each call, and its own work between
+    calls (the optimizer, the tracker) on its share too: left at the full count, its last parallel op before a call
+    leaves OpenMP threads spinning on the other cores for milliseconds, which the shares started there wait out
+    (measured: the second of 2 threads starting 2-5 ms into a 20 ms LeNet-5 step; 0.3 ms with the calling thread on
+    its share).
     torch.set_num_threads in a thread also sets the process-wide count new threads start with: each thread reads its
     own first (initialising it) and sets its share; close() puts the calling thread's and the process's back."""
 
@@ -796,12 +815,21 @@ class _Threads:
             raise
 
     def run(self, fn, n: int) -> None:
-        """fn(0) on the calling thread and fn(1) ... fn(n - 1) on the others, side by side; returns once all are
-        done, raising the first failure."""
-        others = [self.pool.submit(fn, w) for w in range(1, n)]
+        """fn(0) on the calling thread and fn(1) ... fn(n - 1) on the others, side by side, each on 1/n of torch's
+        threads (fewer calls than threads, once candidates stop: a larger share each); returns once all are done,
+        raising the first failure."""
+        share = max(1, self.total // n)
+
+        def on_share(w: int) -> None:
+            if torch.get_num_threads() != share:
+                torch.set_num_threads(share)
+            fn(w)
+
+        others = [self.pool.submit(on_share, w) for w in range(1, n)]
         try:
-            fn(0)
+            on_share(0)
         finally:
+            self.share = share  # the calling thread's count until the next call
             wait(others)
         for f in others:
             f.result()

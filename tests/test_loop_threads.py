@@ -1,0 +1,138 @@
+"""The loop's threads (engine/forward.py: BatchedStep._start_threads, _Threads, _replica): on a CPU arena the loop
+runs its K candidates side by side on min(K, n) threads of torch's n, each calling its own replica of the model with
+a share of the n. A candidate's ops there are a K = 1 run's at that share, so its curve equals that run's bitwise
+(_helpers.torch_threads); the user's model, its state and torch's thread count are left as they were."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_same_state, make_batches, make_mlp, state_of, torch_threads
+from torch import nn
+
+import lrfast
+
+LRS = [1e-3, 1e-2, 1e-1, 3e-1]
+
+
+class Recording(nn.Module):
+    """An MLP (BatchNorm: running stats per candidate) that records the thread of each forward in a list its
+    replicas share (a replica's attributes are the model's)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.net = make_mlp(batchnorm=True, dropout=dropout)
+        self.threads: list[str] = []
+
+    def forward(self, x):
+        self.threads.append(threading.current_thread().name)
+        return self.net(x)
+
+
+class TiedRNN(nn.Module):
+    """An LSTM (its flat-weight list follows a replica's parameters) and an output layer tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(7, 6)
+        self.rnn = nn.LSTM(6, 6, batch_first=True)
+        self.out = nn.Linear(6, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.rnn(self.emb(x))[0][:, -1])
+
+
+def _grid(model, lrs, batches=None, **kw):
+    return lrfast.find(model, batches or make_batches(n=12, batch=16), optimizer="adam", strategy="grid", lrs=lrs,
+                       steps=8, forward="loop", progress=False, **kw)  # fmt: skip
+
+
+def _tokens(n: int = 8):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 7, (4, 5), generator=g), torch.randint(0, 7, (4,), generator=g)) for _ in range(n)]
+
+
+def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bitwise():
+    """4 candidates on 2 threads of 1 (torch set to 2): every step's forwards on both threads, and each candidate's
+    training and validation curves (eval mode, its own running stats) bitwise its K = 1 run's on 1 thread."""
+    model, val = Recording(), make_batches(n=2, batch=16, seed=7)
+    with torch_threads(2):
+        grid = _grid(model, LRS, val_loader=val, val_batches=2, val_every=2)
+    assert not any("not on" in n and "threads" in n for n in grid.info["notes"]), grid.info["notes"]
+    assert len(set(model.threads[-len(LRS) :])) == 2  # the last step's 4 forwards on 2 threads
+    for k, lr in enumerate(LRS):
+        with torch_threads(1):
+            one = _grid(Recording(), [lr], val_loader=val, val_batches=2, val_every=2)
+        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+        np.testing.assert_array_equal(grid.val_losses[k], one.val_losses[0])
+
+
+def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_by_identity():
+    model = TiedRNN()
+    before = state_of(model)
+    params = list(model.parameters())
+    with torch_threads(2):
+        grid = _grid(model, LRS[:3], _tokens())
+    assert model.out.weight is model.emb.weight and list(model.parameters()) == params
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert_same_state(before, state_of(model))
+    for k, lr in enumerate(LRS[:3]):
+        with torch_threads(1):
+            one = _grid(TiedRNN(), [lr], _tokens())
+        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+
+
+def test_a_model_drawing_random_numbers_runs_one_candidate_after_another_and_says_why():
+    model = Recording(dropout=0.2)
+    with torch_threads(2):
+        grid = _grid(model, LRS)
+    assert set(model.threads) == {"MainThread"}
+    assert any("not on threads side by side: the model draws random numbers" in n for n in grid.info["notes"])
+    for k, lr in enumerate(LRS):  # the masks candidate 0 draws, as in a K = 1 run (the same count of threads)
+        with torch_threads(2):
+            one = _grid(Recording(dropout=0.2), [lr])
+        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+
+
+def test_a_model_with_hooks_runs_one_candidate_after_another_and_says_why():
+    model = Recording()
+    seen = []
+    model.net[0].register_forward_hook(lambda m, i, o: seen.append(threading.current_thread().name))
+    with torch_threads(2):
+        grid = _grid(model, LRS)
+    assert set(seen) == {"MainThread"} and len(seen) >= 8 * len(LRS)
+    assert any("not on 2 threads side by side: net.0 has hooks" in n for n in grid.info["notes"])
+
+
+def test_torch_thread_count_is_left_as_it_was_after_a_run_and_after_a_failure_on_a_thread():
+    """The loop's threads set torch's count (the caller's and the process default new threads start with) to their
+    share while they run: both are put back after the run, also when a candidate's step fails on one of them; the
+    failure is raised with the model's state restored."""
+    calls = {"n": 0}
+
+    def loss_fn(out, y):  # fails on one of the loop's threads from the 4th step on
+        calls["n"] += 1
+        if calls["n"] > 12 and threading.current_thread().name.startswith("lrfast-loop"):
+            raise RuntimeError("boom")
+        return nn.functional.cross_entropy(out, y)
+
+    def default_count() -> int:  # a new thread's count
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    with torch_threads(2):
+        start = default_count()
+        _grid(Recording(), LRS)
+        assert torch.get_num_threads() == 2 and default_count() == start
+        model = Recording()
+        before = state_of(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            _grid(model, LRS, loss_fn=loss_fn)
+        assert torch.get_num_threads() == 2 and default_count() == start
+    assert_same_state(before, state_of(model))
