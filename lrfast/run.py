@@ -234,6 +234,8 @@ class Chunk:
             forward = "module (K=1)"
         else:
             forward = f"vmap (K={c})" if inner.mode == "vmap" else f"loop (K={c}): {inner.why}"
+            if inner.mode == "loop" and inner.threads_info:
+                forward += f"; {inner.threads_info}"
             if inner.mode == "vmap" and inner.measure:
                 forward += (f": forward='auto' decided nothing: the run ended within its measured steps ("
                             f"{inner.calls} calls measured, {len(inner.measure)} more planned; more steps decide)")

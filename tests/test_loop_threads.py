@@ -8,10 +8,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_same_state, make_batches, make_mlp, state_of, torch_threads
+from _helpers import assert_same_state, make_batches, make_mlp, state_of, threads_measure_faster, torch_threads
 from torch import nn
 
 import lrfast
+import lrfast.engine.forward as F
 
 LRS = [1e-3, 1e-2, 1e-1, 3e-1]
 
@@ -55,13 +56,16 @@ def _tokens(n: int = 8):
     return [(torch.randint(0, 7, (4, 5), generator=g), torch.randint(0, 7, (4,), generator=g)) for _ in range(n)]
 
 
-def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bitwise():
+def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bitwise(monkeypatch):
     """4 candidates on 2 threads of 1 (torch set to 2): every step's forwards on both threads, and each candidate's
     training and validation curves (eval mode, its own running stats) bitwise its K = 1 run's on 1 thread."""
+    threads_measure_faster(monkeypatch)
     model, val = Recording(), make_batches(n=2, batch=16, seed=7)
     with torch_threads(2):
         grid = _grid(model, LRS, val_loader=val, val_batches=2, val_every=2)
-    assert not any("not on" in n and "threads" in n for n in grid.info["notes"]), grid.info["notes"]
+    assert grid.info["forward"] == ("loop (K=4): forward='loop'; on 2 threads (measured 250.00 ms a candidate on 2 "
+                                    "threads side by side, 1000.00 one after another)")  # fmt: skip
+    assert not any("threads" in n for n in grid.info["notes"]), grid.info["notes"]
     assert len(set(model.threads[-len(LRS) :])) == 2  # the last step's 4 forwards on 2 threads
     for k, lr in enumerate(LRS):
         with torch_threads(1):
@@ -70,7 +74,8 @@ def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bi
         np.testing.assert_array_equal(grid.val_losses[k], one.val_losses[0])
 
 
-def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_by_identity():
+def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_by_identity(monkeypatch):
+    threads_measure_faster(monkeypatch)
     model = TiedRNN()
     before = state_of(model)
     params = list(model.parameters())
@@ -107,10 +112,28 @@ def test_a_model_with_hooks_runs_one_candidate_after_another_and_says_why():
     assert any("not on 2 threads side by side: net.0 has hooks" in n for n in grid.info["notes"])
 
 
-def test_torch_thread_count_is_left_as_it_was_after_a_run_and_after_a_failure_on_a_thread():
+def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch):
+    """A candidate measured 1 ms one after another (on all of torch's threads, the first call's first candidate once
+    more) and 2 a candidate on the threads (8 ms for the 4 of the second call, which follows a call on them): the
+    loop runs one candidate after another from the third call on, and says so."""
+    times = iter([0.0, 0.001, 5.0, 6.0, 6.008])  # the serial candidate; call 1 (not timed: after serial work); call 2
+    monkeypatch.setattr(F, "_wall", lambda: next(times))
+    model = Recording()
+    with torch_threads(2):
+        grid = _grid(model, LRS)
+    assert grid.info["forward"] == "loop (K=4): forward='loop'"
+    assert ("the loop runs the 4 candidates one after another: it measured 2.00 ms a candidate on 2 threads side by "
+            "side, 1.00 one after another") in grid.info["notes"]  # fmt: skip
+    first = 1 + 2 + len(LRS)  # call 1: candidate 0 for the checks, again on the full count, then 4 on the threads
+    assert len(set(model.threads[first : first + len(LRS)])) == 2  # call 2 on both threads
+    assert set(model.threads[first + len(LRS) :]) == {"MainThread"}
+
+
+def test_torch_thread_count_is_left_as_it_was_after_a_run_and_after_a_failure_on_a_thread(monkeypatch):
     """The loop's threads set torch's count (the caller's and the process default new threads start with) to their
     share while they run: both are put back after the run, also when a candidate's step fails on one of them; the
     failure is raised with the model's state restored."""
+    threads_measure_faster(monkeypatch)
     calls = {"n": 0}
 
     def loss_fn(out, y):  # fails on one of the loop's threads from the 4th step on

@@ -175,6 +175,10 @@ class BatchedStep:
         self._unthreadable: str | None = None  # why the loop cannot run on threads ('' it can; None: not looked at)
         self._draws: bool | None = None  # the model drew random numbers in the loop's first candidate (None: not run)
         self._rng_before: torch.Tensor | None = None  # the generator's state before that candidate
+        self._one_ms: float | None = None  # that candidate's step on all of torch's threads, ms (_threads_for_the_rest)
+        self._thread_ms: float | None = None  # a candidate's on the threads, ms (_keep_threads)
+        self._last = ""  # how the last call ran: "threads", "one" (after another) or "vmap"
+        self.threads_info = ""  # the loop's threads kept, and what they measured
 
     def __call__(self, item) -> torch.Tensor:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
@@ -246,6 +250,7 @@ class BatchedStep:
             first, trial = self.calls == 1, self._measuring and self.calls > 1
             rng = capture_rng() if first or trial else None
             saved = {n: b.clone() for n, b in self.buffers.items()} if trial else None
+            self._last = "vmap"
             try:
                 with self._all_threads():
                     loss = self._vmap(item, rows)
@@ -547,12 +552,13 @@ class BatchedStep:
         elif first:
             self._rng_before = _rng_state(device) if state is None else state
             saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
+        threaded = self._threads is not None
         try:
-            if self._threads is not None:
+            if threaded:
                 self._threaded(item, ks, losses, check)
             else:
                 for i, k in enumerate(ks):
-                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved):
+                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved, item):
                         self._threaded(item, ks, losses, check)  # candidate ks[0] again, on its share of threads
                         break
                     if rewind and (k or start):
@@ -561,9 +567,10 @@ class BatchedStep:
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
+        self._last = "threads" if threaded or self._threads is not None else "one"
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
-    def _threads_for_the_rest(self, k: int, saved: dict) -> bool:
+    def _threads_for_the_rest(self, k: int, saved: dict, item) -> bool:
         """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs:
         True where the loop's threads now run the call (_start_threads), from k again. k ran on another count of
         threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and the generator are
@@ -580,23 +587,50 @@ class BatchedStep:
         self._start_threads()
         if self._threads is None:
             return False
+        self._put_back(k, saved)  # then once more on the full count, timed: a candidate's cost one after another
+        with self._threads.all():
+            t0 = _wall()
+            self._candidate(k, self.model, self.slots, self._rows(), item, False)
+            self._one_ms = 1e3 * (_wall() - t0)
+        self._put_back(k, saved)
+        return True
+
+    def _put_back(self, k: int, saved: dict) -> None:
+        """Candidate k's grads zeroed, its buffers (from `saved`) and the generator as they were before its step."""
         for seg in self.arena.segments:
             seg.g[k].zero_()
         for n, b in saved.items():
             self._loop_buffers[k][n].copy_(b)
         _set_rng_state(self.arena.device, self._rng_before)
-        return True
+
+    def _keep_threads(self, ms: float) -> None:
+        """The loop's threads measured `ms` a candidate in a call that followed one of theirs (after a batched call
+        they start late: _Threads): kept only when faster than a candidate one after another on all of torch's
+        threads, measured in the first call (models whose steps are mostly Python, a ~1 ms MLP's, gain nothing on
+        threads that take turns at the interpreter)."""
+        one, n = self._one_ms, len(self._replicas)
+        self._thread_ms = ms
+        measured = f"measured {ms:.2f} ms a candidate on {n} threads side by side, {one:.2f} one after another"
+        if ms < one:
+            self.threads_info = f"on {n} threads ({measured})"
+            return
+        self._unthreadable = measured
+        self.close()
+        self.notes.append(f"the loop runs the {self.arena.k} candidates one after another: it {measured}")
 
     def _threaded(self, item, ks: list, losses: dict, check: bool) -> None:
         """The candidates ks on the loop's threads (_each); then a check that nothing drew random numbers (a model
         whose forward draws only from some step on): where something did, the loop runs one candidate after another
         from the next call on (the note says from which)."""
-        before = _rng_state(self.arena.device)
+        before, fair = _rng_state(self.arena.device), self._last == "threads"
+        t0 = _wall()
 
         def run(k: int, model: nn.Module, slots: Slots, rows: list) -> None:
             losses[k] = self._candidate(k, model, slots, rows, item, check)
 
         self._each(ks, run)
+        if fair and self._thread_ms is None and self._one_ms is not None:
+            self._keep_threads(1e3 * (_wall() - t0) / len(ks))
         if not torch.equal(_rng_state(self.arena.device), before):
             self._draws = True
             self.close()
@@ -745,6 +779,7 @@ def _schedule(k: int, randomness: str) -> list:
 
 
 _clock = time.perf_counter  # the measurement's clock (tests give it a fake one)
+_wall = time.perf_counter  # the loop threads' measurement's clock (tests give it a fake one)
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 
