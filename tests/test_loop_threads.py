@@ -159,3 +159,13 @@ def test_torch_thread_count_is_left_as_it_was_after_a_run_and_after_a_failure_on
             _grid(model, LRS, loss_fn=loss_fn)
         assert torch.get_num_threads() == 2 and default_count() == start
     assert_same_state(before, state_of(model))
+
+
+def test_a_probe_whose_looped_candidates_all_stopped_runs_no_thread(monkeypatch):
+    """forward="auto" probing at K = 4 batches candidate 0 and loops over 1-3; once those 3 have diverged, the
+    probe's loop has no candidate to run (it ran into a division by zero on its threads), and the run goes on."""
+    threads_measure_faster(monkeypatch)
+    with torch_threads(2):
+        res = lrfast.find(Recording(), make_batches(n=12, batch=16), optimizer="sgd", strategy="grid",
+                          lrs=[1e-3, 1e4, 2e4, 3e4], steps=8, progress=False)  # fmt: skip
+    assert res.runs.tolist()[0] == 8 and max(res.runs.tolist()[1:]) < 8

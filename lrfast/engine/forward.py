@@ -552,7 +552,7 @@ class BatchedStep:
         elif first:
             self._rng_before = _rng_state(device) if state is None else state
             saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
-        threaded = self._threads is not None
+        threaded = self._threads is not None and len(ks) > 0  # none: every candidate of a probe's loop stopped
         try:
             if threaded:
                 self._threaded(item, ks, losses, check)
@@ -675,18 +675,18 @@ class BatchedStep:
         if self._unthreadable is None:
             self._unthreadable = _unthreadable(self.model)
             try:
-                if not self._unthreadable:
-                    _replica(self.model)
+                replicas = [] if self._unthreadable else [_replica(self.model) for _ in range(n)]
             except Exception as e:  # noqa: BLE001 - a model that cannot be replicated: one call after another
                 self._unthreadable = f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})"
             if self._unthreadable:
                 self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on {n} threads "
                                   f"side by side: {self._unthreadable}")  # fmt: skip
+        else:  # again after a batched call: replicated before
+            replicas = [] if self._unthreadable else [_replica(self.model) for _ in range(n)]
         if self._unthreadable:
             return
         rows = self._rows()
-        self._replicas = [(r, Slots(r), [(params[id(p)], d, g) for p, d, g in rows])
-                          for r, params in (_replica(self.model) for _ in range(n))]  # fmt: skip
+        self._replicas = [(r, Slots(r), [(params[id(p)], d, g) for p, d, g in rows]) for r, params in replicas]
         self._threads = _Threads(n)
 
     def _threads_wanted(self) -> int:
