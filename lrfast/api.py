@@ -85,10 +85,12 @@ def find(
       diverged); result.suggestion = the largest LR whose score <= best + `tolerance` x |best|. Candidate k's
       curve is that of a K = 1 run at its LR, whatever K (dropout masks are shared by all candidates at a step),
       within rounding under vmap (a few ulp over the first steps; training can amplify it later: README) and
-      bitwise in the per-candidate loop.
+      bitwise in the per-candidate loop (on its threads: a K = 1 run at the share of torch's threads).
     `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
-    the model per step), or "auto" (default): the run's first steps measure both (a warm-up step of each, then a
-    timed step of each, interleaved, and one more timed pair when the two are within 1.25x; their seconds in
+    the model per step; on CPU side by side on threads, each calling a replica of the model on a share of torch's
+    threads, kept where they measure faster, not for models drawing random numbers or with hooks), or "auto"
+    (default): the run's first steps measure both (a warm-up step of each, then a timed step of each, and one more
+    timed pair when the two are within 1.25x; their seconds in
     result.timings["forward_choice"]), and the batched call is kept only when it measured faster, else the rest run
     as a loop (conv nets and attention on CPU), which runs each candidate at the K = 1 step's speed; with K >= 4
     candidates sharing batches (grid, sweep), steps batching the first 1, 2, ... candidates (the others looped) come
