@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import torch_threads
 
 pytest.importorskip("sklearn", reason="the benchmark's digits workloads need scikit-learn")
 
@@ -36,10 +37,8 @@ def _read(path: Path) -> tuple[list[str], list[dict]]:
 def one_thread():
     """The quick models are tiny: one intra-op thread is as fast alone, and when another job shares the 2 cores,
     2 OpenMP threads that spin-wait made these tests 20x slower here. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import assert_close_in_ulps
+from _helpers import assert_close_in_ulps, torch_threads
 
 from lrfast.kernels import cpu, reference
 from lrfast.kernels.reference import AdamParams, SGDParams
@@ -43,10 +43,8 @@ def _one_thread():
     """The grid runs on one thread: when another process holds the second core, every 2-thread torch op (MKL's sqrt
     threads rows > ~1000) and kernel call waits milliseconds for it (measured: the K=16 x 4097 Adam cases 0.01 s ->
     1.1 s each, the file 3 s -> 16 s). test_threaded_split_equals_one_thread covers the kernels' 2-thread path."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(params=BACKENDS)

@@ -177,7 +177,7 @@ class BatchedStep:
         self._rng_before: torch.Tensor | None = None  # the generator's state before that candidate
         self._one_ms: float | None = None  # that candidate's step on all of torch's threads, ms (_threads_for_the_rest)
         self._thread_ms: float | None = None  # a candidate's on the threads, ms (_keep_threads)
-        self._last = ""  # how the last call ran: "threads", "one" (after another) or "vmap"
+        self._after_threads = False  # the last call ended on the loop's threads (a threaded call now starts on time)
         self.threads_info = ""  # the loop's threads kept, and what they measured
 
     def __call__(self, item) -> torch.Tensor:
@@ -250,7 +250,7 @@ class BatchedStep:
             first, trial = self.calls == 1, self._measuring and self.calls > 1
             rng = capture_rng() if first or trial else None
             saved = {n: b.clone() for n, b in self.buffers.items()} if trial else None
-            self._last = "vmap"
+            self._after_threads = False
             try:
                 with self._all_threads():
                     loss = self._vmap(item, rows)
@@ -401,15 +401,15 @@ class BatchedStep:
         ks = [k for k in range(self.arena.k) if live is None or live[k]]
         losses: dict[int, torch.Tensor] = {}
 
-        def score(k: int, model: nn.Module = self.model, slots: Slots | None = None, rows=None) -> None:
+        def score(k: int, model: nn.Module, slots: Slots, rows: list) -> None:
             losses[k] = self._loss({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in self.buffers.items()},
-                                   s.args, s.kwargs, s.target, (model, slots or self.slots)).reshape(())
+                                   s.args, s.kwargs, s.target, (model, slots)).reshape(())
 
         if self._threads is not None and len(ks) > 1:
             self._each(ks, score)
         else:
             for k in ks:
-                score(k)
+                score(k, self.model, self.slots, self._rows())
         return torch.stack([losses.get(k, self._nan) for k in range(self.arena.k)])
 
     def _loss(self, params: dict, buffers: dict, args: tuple, kwargs: dict, target, on=None) -> torch.Tensor:
@@ -567,7 +567,7 @@ class BatchedStep:
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
-        self._last = "threads" if threaded or self._threads is not None else "one"
+        self._after_threads = threaded or self._threads is not None
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
     def _threads_for_the_rest(self, k: int, saved: dict, item) -> bool:
@@ -622,7 +622,7 @@ class BatchedStep:
         """The candidates ks on the loop's threads (_each); then a check that nothing drew random numbers (a model
         whose forward draws only from some step on): where something did, the loop runs one candidate after another
         from the next call on (the note says from which)."""
-        before, fair = _rng_state(self.arena.device), self._last == "threads"
+        before, fair = _rng_state(self.arena.device), self._after_threads
         t0 = _wall()
 
         def run(k: int, model: nn.Module, slots: Slots, rows: list) -> None:
@@ -670,20 +670,18 @@ class BatchedStep:
         step on 2 threads of 1 against 39-40 one after another on 2). Not where the model has hooks (they would run
         on a replica, on threads) or cannot be replicated: the note says why."""
         n = self._threads_wanted()
-        if self._threads is not None or n < 2:
+        if self._threads is not None or n < 2 or self._unthreadable:
             return
-        if self._unthreadable is None:
-            self._unthreadable = _unthreadable(self.model)
+        why = "" if self._unthreadable == "" else _unthreadable(self.model)  # looked at once (None: not yet)
+        if not why:
             try:
-                replicas = [] if self._unthreadable else [_replica(self.model) for _ in range(n)]
+                replicas = [_replica(self.model) for _ in range(n)]
             except Exception as e:  # noqa: BLE001 - a model that cannot be replicated: one call after another
-                self._unthreadable = f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})"
-            if self._unthreadable:
-                self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on {n} threads "
-                                  f"side by side: {self._unthreadable}")  # fmt: skip
-        else:  # again after a batched call: replicated before
-            replicas = [] if self._unthreadable else [_replica(self.model) for _ in range(n)]
-        if self._unthreadable:
+                why = f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})"
+        self._unthreadable = why
+        if why:
+            self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on {n} threads "
+                              f"side by side: {why}")  # fmt: skip
             return
         rows = self._rows()
         self._replicas = [(r, Slots(r), [(params[id(p)], d, g) for p, d, g in rows]) for r, params in replicas]
