@@ -131,8 +131,8 @@ class ItemModel(nn.Module):
 def test_loop_fallback_where_vmap_fails_gives_the_same_curves():
     batches = make_batches()
     model = ItemModel()
-    res = lrfast.find(model, batches, strategy="grid", lrs=[1e-3, 1e-2], steps=10, **QUIET)
-    assert res.info["forward"].startswith("loop (K=2): vmap failed")
+    res = lrfast.find(model, batches, strategy="grid", lrs=[1e-3, 1e-2, 3e-2], steps=10, **QUIET)
+    assert res.info["forward"].startswith("loop (K=3): vmap failed")
     k1 = lrfast.find(model, batches, strategy="grid", lrs=[1e-2], steps=10, **QUIET)
     np.testing.assert_allclose(res.losses[1], k1.losses[0], rtol=1e-5)
 

@@ -155,9 +155,9 @@ def test_an_op_without_a_vmap_batching_rule_is_one_note_not_a_warning_per_step()
 
 
 def test_vmap_failing_on_the_first_step_is_a_note_with_the_whole_first_line_of_the_error():
-    res = lrfast.find(_MaskedItem(), _sequences(with_mask=True), strategy="seeds", candidates=2, steps=4,
+    res = lrfast.find(_MaskedItem(), _sequences(with_mask=True), strategy="seeds", candidates=3, steps=4,
                       progress=False)  # fmt: skip
-    assert res.info["forward"].startswith("loop (K=2): vmap failed on the first step: RuntimeError: vmap:")
+    assert res.info["forward"].startswith("loop (K=3): vmap failed on the first step: RuntimeError: vmap:")
     (note,) = [n for n in res.info["notes"] if "per-candidate loop" in n]
     assert ".item()" in note and note.endswith(".") and "slower than one batched call" in note
 

@@ -68,6 +68,19 @@ def test_auto_measures_on_the_first_steps_then_runs_the_faster_mode(strategy):
     np.testing.assert_allclose(auto.losses, vm.losses, rtol=1e-5, atol=0)
 
 
+def test_auto_runs_two_candidates_on_a_cpu_as_a_loop_without_measuring_and_vmap_can_be_forced():
+    model, batches = make_mlp(), make_batches(n=12, batch=16)
+    runs = {f: lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=[1e-3, 1e-2], steps=6, forward=f,
+                           progress=False) for f in ("auto", "loop", "vmap")}  # fmt: skip
+    auto = runs["auto"]
+    assert auto.info["forward"].startswith("loop (K=2): forward='auto': 2 candidates on a CPU, where a batched call "
+                                           "of 2 measured slower than 2 module calls")  # fmt: skip
+    assert "forward_choice" not in auto.timings  # nothing measured
+    assert any("forward='vmap' forces the batched call" in n for n in auto.info["notes"])
+    np.testing.assert_array_equal(auto.losses, runs["loop"].losses)
+    assert runs["vmap"].info["forward"].startswith("vmap (K=2)")
+
+
 def test_auto_keeps_the_loop_when_the_loop_measured_faster(monkeypatch):
     _slow_vmap(monkeypatch)
     auto, lp = _find("auto"), _find("loop")

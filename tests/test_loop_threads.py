@@ -113,20 +113,38 @@ def test_a_model_with_hooks_runs_one_candidate_after_another_and_says_why():
 
 
 def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch):
-    """A candidate measured 1 ms one after another (on all of torch's threads, the first call's first candidate once
-    more) and 2 a candidate on the threads (8 ms for the 4 of the second call, which follows a call on them): the
+    """A candidate measured 4 ms one after another (on all of torch's threads, the first call's first candidate once
+    more) and 8 a candidate on the threads (32 ms for the 4 of the second call, which follows a call on them): the
     loop runs one candidate after another from the third call on, and says so."""
-    times = iter([0.0, 0.001, 5.0, 6.0, 6.008])  # the serial candidate; call 1 (not timed: after serial work); call 2
+    times = iter([0.0, 0.004, 5.0, 6.0, 6.032])  # the serial candidate; call 1 (not timed: after serial work); call 2
     monkeypatch.setattr(F, "_wall", lambda: next(times))
     model = Recording()
     with torch_threads(2):
         grid = _grid(model, LRS)
     assert grid.info["forward"] == "loop (K=4): forward='loop'"
-    assert ("the loop runs the 4 candidates one after another: it measured 2.00 ms a candidate on 2 threads side by "
-            "side, 1.00 one after another") in grid.info["notes"]  # fmt: skip
+    assert ("the loop runs the 4 candidates one after another: it measured 8.00 ms a candidate on 2 threads side by "
+            "side, 4.00 one after another") in grid.info["notes"]  # fmt: skip
     first = 1 + 2 + len(LRS)  # call 1: candidate 0 for the checks, again on the full count, then 4 on the threads
     assert len(set(model.threads[first : first + len(LRS)])) == 2  # call 2 on both threads
     assert set(model.threads[first + len(LRS) :]) == {"MainThread"}
+
+
+def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_another_each_its_k1_curve(monkeypatch):
+    """The first call's first candidate measured 1 ms on all of torch's threads (under THREADS_FROM_MS): no thread
+    starts, that step is kept as made (on the full count, as a K = 1 run's), and the note says why."""
+    times = iter([0.0, 0.001])
+    monkeypatch.setattr(F, "_wall", lambda: next(times))
+    model = Recording()
+    with torch_threads(2):
+        grid = _grid(model, LRS)
+    assert grid.info["forward"] == "loop (K=4): forward='loop'" and set(model.threads) == {"MainThread"}
+    assert ("the loop runs the 4 candidates one after another, not on threads: a candidate's step measured 1.00 ms on "
+            "all of torch's threads, under the 3 ms from which threads pay for the whole step") in grid.info["notes"]
+    assert len(model.threads) == 1 + 8 * len(LRS) + 1  # set-up's forward, each once a step, candidate 0 once more
+    for k, lr in enumerate(LRS):
+        with torch_threads(2):
+            one = _grid(Recording(), [lr])
+        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
 
 
 def test_torch_thread_count_is_left_as_it_was_after_a_run_and_after_a_failure_on_a_thread(monkeypatch):

@@ -9,8 +9,8 @@ candidates can run:
   (data-dependent control flow, .item(), unstackable batches, recurrent layers...) a per-candidate loop runs
   instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
   forward="auto" times both on the run's first steps (MEASURE) and keeps the batched call only where it measured
-  faster than the loop, and recurrent models take the loop at once (unbatchable); `mode`, `why` and `notes` say
-  which ran and why. Stopped candidates are left out (`alive`): the loop skips them, the batched call runs the rows
+  faster than the loop, and recurrent models and 2 candidates on a CPU take the loop at once (unbatchable);
+  `mode`, `why` and `notes` say which ran and why. Stopped candidates are left out (`alive`): the loop skips them, the batched call runs the rows
   up to the last live one, and auto's batched call hands over to the loop once that is cheaper.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
@@ -592,6 +592,13 @@ class BatchedStep:
             t0 = _wall()
             self._candidate(k, self.model, self.slots, self._rows(), item, False)
             self._one_ms = 1e3 * (_wall() - t0)
+        if self._one_ms < THREADS_FROM_MS:  # its step, just made on the full count from its state, is kept
+            self._unthreadable = f"a candidate's step measured {self._one_ms:.2f} ms"
+            self.close()
+            self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads: "
+                              f"{self._unthreadable} on all of torch's threads, under the {THREADS_FROM_MS:g} ms "
+                              "from which threads pay for the whole step")  # fmt: skip
+            return False
         self._put_back(k, saved)
         return True
 
@@ -763,6 +770,11 @@ CLOSE = 1.25
 # K >= PROBE_FROM with shared masks: probes first (_probe: m = 1, 2, ... candidates batched, a warm-up and a timed
 # call each), so that a batched call that cannot win is not run at full K
 PROBE_FROM = 4
+# The loop's threads only for candidates whose step takes THREADS_FROM_MS or more (ms, on all of torch's threads):
+# below, a whole step measured slower on them though the forward and backward measured faster (the digits MLP,
+# ~0.7 ms a candidate on the 2-core Xeon, K = 2: 0.77-0.93x its K = 1 runs on threads, 0.98-1.11x without; LeNet-5,
+# 4.4 ms: 1.15-1.18x on threads, 1.01-1.03x without)
+THREADS_FROM_MS = 3.0
 
 
 def _probe_steps(m: int) -> list:
@@ -796,17 +808,25 @@ def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
 
 
-def unbatchable(model: nn.Module) -> str:
+def unbatchable(model: nn.Module, k: int, device: torch.device) -> str:
     """forward="auto"'s cost model before any measurement: why the batched call cannot serve this model ('' when
     only a measurement can tell). Recurrent layers: aten::lstm / gru / rnn_tanh have no vmap batching rule and, as
     they take a list of weights, no per-candidate fallback either, so the batched call would fail on its first step
     (under a functorch grad transform they decompose into per-candidate kernels instead: the char LSTM of
-    bench_candidates took 111-126 ms a step batched against 51-54 ms as a loop at K = 4 on the 2-core CPU)."""
+    bench_candidates took 111-126 ms a step batched against 51-54 ms as a loop at K = 4 on the 2-core CPU).
+    2 candidates on a CPU: a batched op costs vmap about twice a plain one's dispatch and 2 candidates halve the ops
+    at most, so the batched call measured slower than the loop on every workload of bench_candidates (the digits
+    MLP, LeNet-5, the BatchNorm CNN, the char GPT: 1.2-1.9x a step on the 2-core AMD EPYC), and its measurement
+    cost a short run more than the loop's K = 1 speed gives back (the MLP's K = 2 run: 0.85x its 2 K = 1 runs)."""
     rnn = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)), None)
-    if rnn is None:
-        return ""
-    return (f"forward='auto': {rnn} has no vmap batching rule (the batched call would fail on its first step, "
-            "its fused kernel taking a list of weights)")
+    if rnn is not None:
+        return (f"forward='auto': {rnn} has no vmap batching rule (the batched call would fail on its first step, "
+                "its fused kernel taking a list of weights)")
+    if k == 2 and device.type == "cpu":
+        return ("forward='auto': 2 candidates on a CPU, where a batched call of 2 measured slower than 2 module calls "
+                "on every benchmark workload (1.2-1.9x), run as a loop without measuring; forward='vmap' forces "
+                "the batched call")
+    return ""
 
 
 def stackable(splits: list[Split]) -> str:
