@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import report
 from benchmarks.bench_candidates import matmul_gflops
-from lrfast.engine.forward import _batchable_attention
+from lrfast.engine.forward import _batchable
 
 OUT = Path(__file__).parent / "results"
 FORMS = ("loop", "vmap", "explicit")
@@ -131,7 +131,7 @@ def forms(case: Case, K: int, device: str) -> dict[str, Callable]:
     vf = vmap(case.f, in_dims=(0, None if case.shared else 0))
 
     def vmapped():
-        with _batchable_attention(torch.device(device)):
+        with _batchable(torch.device(device)):  # as the engine runs it
             out = vf(leaves, xin)
         return list(torch.autograd.grad(out, wrt, gout))
 

@@ -225,3 +225,38 @@ def test_json_round_trip_and_plot_for_every_strategy(strategy, tmp_path):
     np.testing.assert_array_equal(back.losses, res.losses)
     ax = res.plot(tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0 and ax.get_xscale() == "log"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_linear_runs_as_w_xT_with_contiguous_weight_grads_equal_to_each_candidates_linear(shared):
+    """Inside the batched call on CPU (forward._batchable) F.linear with stacked weights is (w @ x^T)^T + b: the
+    outputs and weight grads equal each candidate's own F.linear to the dot-product rounding bound (n * eps * the sum
+    of |terms|, n = 13), and the weight grads come out contiguous, as the arena keeps them (vmap's own rule gives
+    them transposed)."""
+    from torch.func import vmap
+
+    from lrfast.engine.forward import _batchable
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 3, 13
+    w = torch.randn(k, 4, n, generator=g, requires_grad=True)
+    b = torch.randn(k, 4, generator=g, requires_grad=True)
+    x = torch.randn(5, n, generator=g) if shared else torch.randn(k, 5, n, generator=g)
+    f = vmap(torch.nn.functional.linear, in_dims=(None if shared else 0, 0, 0))
+    with _batchable(torch.device("cpu")):
+        out = f(x, w, b)
+    (gw,) = torch.autograd.grad(out.square().sum(), [w])
+    xs = [x if shared else x[j] for j in range(k)]
+    ref = torch.stack([torch.nn.functional.linear(xs[j], w[j], b[j]) for j in range(k)])
+    (rgw,) = torch.autograd.grad(ref.square().sum(), [w])
+    eps = torch.finfo(torch.float32).eps
+    bound = n * eps * torch.stack([xs[j].abs() @ w[j].abs().T + b[j].abs() for j in range(k)])
+    assert torch.all((out - ref).abs() <= bound) and not torch.equal(gw, torch.zeros_like(gw))
+    ax = [xj.abs() for xj in xs]
+    gbound = torch.stack([2 * bound[j].T @ ax[j] + 6 * eps * (2 * ref[j].abs()).T @ ax[j] for j in range(k)])
+    assert torch.all((gw - rgw).abs() <= gbound)
+    assert gw.is_contiguous()
+    x3 = torch.randn(2, 5, n, generator=g)  # [B, T, C]: left to vmap's own rule
+    with _batchable(torch.device("cpu")):
+        out3 = vmap(torch.nn.functional.linear, in_dims=(None, 0, 0))(x3, w, b)
+    assert torch.equal(out3, vmap(torch.nn.functional.linear, in_dims=(None, 0, 0))(x3, w, b))
