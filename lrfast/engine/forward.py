@@ -434,7 +434,7 @@ class BatchedStep:
         """The batched call. The first one records PyTorch's "no batching rule for aten::op" warnings into one note
         (each such op runs once per candidate inside the batched step: a slow path); later calls silence them."""
         first = self.calls == 1
-        with _batchable(self.arena.device), warnings.catch_warnings(record=first) as caught:
+        with warnings.catch_warnings(record=first) as caught:
             if first:
                 warnings.simplefilter("always")
             else:
@@ -491,7 +491,8 @@ class BatchedStep:
                 for g in self.g:
                     g[m : self._zeroed].zero_()
                 self._zeroed = m
-        loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
+        with _batchable(self.arena.device):  # the forward's ops (the backward runs on what they recorded)
+            loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
         if loss.dim() != 1:
             check_scalar(loss[0])
         total = (loss if scale is None else loss * scale).sum()  # candidate k's grad: row k's
