@@ -47,6 +47,7 @@ class Plan:
     check_every: int  # host reads of the alive mask: every step on CPU (cheap), every 10 on CUDA (no sync)
     chunk: int = 0  # candidates per pass (fit)
     memory: dict = field(default_factory=dict)  # the estimate behind the chunk size (fit)
+    ops: set = field(default_factory=set)  # the kinds of layer its forward ran (fit; memory.KINDS)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -97,7 +98,7 @@ class Plan:
         mine = self.end - self.first
         self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, self.opts.loss_fn,
                                                     self.device, mine, self.opts.max_memory,
-                                                    batch_bytes)  # fmt: skip
+                                                    batch_bytes, self.ops)  # fmt: skip
 
     def engine(self, index: np.ndarray | None, why_loop: str, splits: list, host: bool = False) -> Engine:
         """The engine of a chunk whose step t trains on splits[index[t]] (index [S], or [S, K] with one batch per

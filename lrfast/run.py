@@ -169,7 +169,7 @@ class Chunk:
         if o.forward == "loop" and c > 1 and not self.why_loop:
             self.why_loop = "forward='loop'"
         if o.forward == "auto" and c > 1 and not self.why_loop:
-            self.why_loop = unbatchable(model, c, plan.device)
+            self.why_loop = unbatchable(model, c, plan.device, plan.ops)
         self.arena = arena
         self.scaler = amp.Scaler(c, plan.device) if o.precision == "fp16" else None
         inputs, index = self._inputs(c)

@@ -81,6 +81,53 @@ def test_auto_runs_two_candidates_on_a_cpu_as_a_loop_without_measuring_and_vmap_
     assert runs["vmap"].info["forward"].startswith("vmap (K=2)")
 
 
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = torch.nn.Conv1d(1, 4, 3, padding=1), torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.out(self.conv(x[:, None]).relu().flatten(1))
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.out = torch.nn.MultiheadAttention(4, 2, batch_first=True), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        seq = x.view(-1, 2, 4)
+        return self.out(self.attn(seq, seq, seq, need_weights=False)[0].flatten(1))
+
+
+@pytest.mark.parametrize("make, kind", [(_Conv, "convolutions"), (_Attention, "attention")])
+def test_auto_runs_convolutions_and_attention_on_a_cpu_as_a_loop_without_measuring(make, kind):
+    torch.manual_seed(0)
+    model, batches = make(), make_batches(n=12, batch=16)
+    runs = {f: lrfast.find(model, batches, optimizer="adam", strategy="grid", lrs=[1e-3, 1e-2, 1e-1], steps=6,
+                           forward=f, progress=False) for f in ("auto", "loop", "vmap")}  # fmt: skip
+    auto = runs["auto"]
+    assert auto.info["forward"].startswith(f"loop (K=3): forward='auto': the model runs {kind} on a CPU, where the "
+                                           "batched call measured slower than the loop")  # fmt: skip
+    assert "forward_choice" not in auto.timings
+    np.testing.assert_array_equal(auto.losses, runs["loop"].losses)
+    assert runs["vmap"].info["forward"].startswith("vmap (K=3)")
+
+
+def test_the_memory_probe_records_the_kinds_of_layer_the_forward_runs():
+    from lrfast import optimizers
+    from lrfast.batches import Split
+    from lrfast.engine.arena import Arena
+    from lrfast.engine.memory import estimate_bytes
+
+    x, y = make_batches(n=1, batch=4)[0]
+    for model, want in ((_Conv(), {"convolutions"}), (_Attention(), {"attention"}), (make_mlp(), set())):
+        ops = set()
+        arena = Arena(optimizers.resolve("adam", model), 1, torch.device("cpu"))
+        estimate_bytes(model, arena, Split((x,), {}, y), None, ops)
+        assert ops == want
+
+
 def test_auto_keeps_the_loop_when_the_loop_measured_faster(monkeypatch):
     _slow_vmap(monkeypatch)
     auto, lp = _find("auto"), _find("loop")

@@ -139,7 +139,8 @@ def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_anot
         grid = _grid(model, LRS)
     assert grid.info["forward"] == "loop (K=4): forward='loop'" and set(model.threads) == {"MainThread"}
     assert ("the loop runs the 4 candidates one after another, not on threads: a candidate's step measured 1.00 ms on "
-            "all of torch's threads, under the 3 ms from which threads pay for the whole step") in grid.info["notes"]
+            f"all of torch's threads, under the {F.THREADS_FROM_MS:g} ms from which threads pay for the whole "
+            "step") in grid.info["notes"]  # fmt: skip
     assert len(model.threads) == 1 + 8 * len(LRS) + 1  # set-up's forward, each once a step, candidate 0 once more
     for k, lr in enumerate(LRS):
         with torch_threads(2):

@@ -280,7 +280,8 @@ def test_bert_seeds_loop_equals_per_candidate_plain_loops(dropout, monkeypatch):
 def test_bert_seeds_fallback_is_noted_with_its_whole_reason():
     """The fallback from vmap to the loop is said in res.info["forward"] and in res.info["notes"], with the error that
     caused it, whole (a reason cut mid-word hides what to change)."""
-    res = find(make_bert(0.0), bert_batches(), strategy="seeds", candidates=3, min_lr=1e-4, max_lr=1e-1)
+    res = find(make_bert(0.0), bert_batches(), strategy="seeds", candidates=3, min_lr=1e-4, max_lr=1e-1,
+               forward="vmap")  # auto: attention on a CPU runs the loop at once
     forward = res.info["forward"]
     prefix = "loop (K=3): "
     assert forward.startswith(prefix + "vmap failed on the first step: RuntimeError: vmap: ")

@@ -778,7 +778,7 @@ PROBE_FROM = 4
 # below, a whole step measured slower on them though the forward and backward measured faster (the digits MLP,
 # ~0.7 ms a candidate on the 2-core Xeon, K = 2: 0.77-0.93x its K = 1 runs on threads, 0.98-1.11x without; LeNet-5,
 # 4.4 ms: 1.15-1.18x on threads, 1.01-1.03x without)
-THREADS_FROM_MS = 3.0
+THREADS_FROM_MS = 2.0
 
 
 def _probe_steps(m: int) -> list:
@@ -838,7 +838,7 @@ def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     return {n: b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())) for n, b in model.named_buffers()}
 
 
-def unbatchable(model: nn.Module, k: int, device: torch.device) -> str:
+def unbatchable(model: nn.Module, k: int, device: torch.device, ops: set = frozenset()) -> str:
     """forward="auto"'s cost model before any measurement: why the batched call cannot serve this model ('' when
     only a measurement can tell). Recurrent layers: aten::lstm / gru / rnn_tanh have no vmap batching rule and, as
     they take a list of weights, no per-candidate fallback either, so the batched call would fail on its first step
@@ -847,11 +847,21 @@ def unbatchable(model: nn.Module, k: int, device: torch.device) -> str:
     2 candidates on a CPU: a batched op costs vmap about twice a plain one's dispatch and 2 candidates halve the ops
     at most, so the batched call measured slower than the loop on every workload of bench_candidates (the digits
     MLP, LeNet-5, the BatchNorm CNN, the char GPT: 1.2-1.9x a step on the 2-core AMD EPYC), and its measurement
-    cost a short run more than the loop's K = 1 speed gives back (the MLP's K = 2 run: 0.85x its 2 K = 1 runs)."""
+    cost a short run more than the loop's K = 1 speed gives back (the MLP's K = 2 run: 0.85x its 2 K = 1 runs).
+    Convolutions and attention on a CPU (`ops`: the kinds of layer the memory probe's forward ran): the batched call
+    lost to the loop at every K from 2 to 32 on LeNet-5, the BatchNorm CNN and the char GPT, on the 2-core AMD EPYC
+    and Xeon alike (vmap's grouped convolutions and batched attention, and K candidates' activations falling out of
+    the caches and glibc's heap), and its measurement, the probes' batched calls at 1.2-1.7x a looped step each,
+    weighed most in short runs (the char GPT's 20 steps at K = 4: 0.95x its K = 1 runs)."""
     rnn = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)), None)
     if rnn is not None:
         return (f"forward='auto': {rnn} has no vmap batching rule (the batched call would fail on its first step, "
                 "its fused kernel taking a list of weights)")
+    kinds = [kind for kind in ("convolutions", "attention") if kind in ops]
+    if kinds and device.type == "cpu":
+        return (f"forward='auto': the model runs {' and '.join(kinds)} on a CPU, where the batched call measured "
+                "slower than the loop on every such benchmark model at every K (2-32), run as a loop without "
+                "measuring; forward='vmap' forces the batched call")  # fmt: skip
     if k == 2 and device.type == "cpu":
         return ("forward='auto': 2 candidates on a CPU, where a batched call of 2 measured slower than 2 module calls "
                 "on every benchmark workload (1.2-1.9x), run as a loop without measuring; forward='vmap' forces "

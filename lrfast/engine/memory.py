@@ -4,10 +4,12 @@ out-of-memory error says."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lrfast.batches import Split
 from lrfast.engine.arena import Arena
@@ -15,10 +17,11 @@ from lrfast.loss import explain_arity, resolve_loss
 from lrfast.state import Slots, forked_rng
 
 
-def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dict[str, int]:
+def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn, ops: set | None = None) -> dict[str, int]:
     """Bytes one candidate needs: weights, grads, optimizer state (arena), buffers, the grads vmap returns before
     they are copied into the arena, and the activations autograd saves in one probe forward (measured with
-    saved_tensors_hooks; the RNG and the model are left as they were)."""
+    saved_tensors_hooks; the RNG and the model are left as they were). `ops`: a set that gets the kinds of layer
+    the forward ran that forward="auto"'s cost model looks at (KINDS: "convolutions", "attention")."""
     seen: dict[int, int] = {}
     names = {id(p): n for n, p in model.named_parameters()}
     leaves = {names[id(p)]: v.detach().clone().requires_grad_()
@@ -32,7 +35,8 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    with forked_rng(arena.device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    seen_ops = _Kinds(ops) if ops is not None else contextlib.nullcontext()
+    with forked_rng(arena.device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen_ops:
         out = explain_arity(Slots(model).call, split, model, leaves, buffers, split.args, split.kwargs)  # 1st call
         loss_f, _ = resolve_loss(loss_fn, out, split)
         loss = loss_f(out, split)
@@ -43,6 +47,27 @@ def estimate_bytes(model: nn.Module, arena: Arena, split: Split, loss_fn) -> dic
         "grads_out": grads,
         "activations": sum(seen.values()) + (loss.nbytes if isinstance(loss, torch.Tensor) else 0),
     }
+
+
+# torch functions by the kind of layer they are (estimate_bytes' `ops`)
+KINDS = {f: "convolutions" for f in (torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,
+                                    torch.conv_transpose2d, torch.conv_transpose3d)}  # fmt: skip
+KINDS.update({nn.functional.scaled_dot_product_attention: "attention",
+              nn.functional.multi_head_attention_forward: "attention"})  # fmt: skip
+
+
+class _Kinds(TorchFunctionMode):
+    """Adds to `ops` the KINDS of the torch functions called under it."""
+
+    def __init__(self, ops: set):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = KINDS.get(func)
+        if kind:
+            self.ops.add(kind)
+        return func(*args, **(kwargs or {}))
 
 
 def available_bytes(device: torch.device) -> int:
@@ -59,12 +84,13 @@ def available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
 
 
-def chunk_size(model, plan, split, loss_fn, device, k, max_memory, batch_bytes: int = 0) -> tuple[int, dict]:
+def chunk_size(model, plan, split, loss_fn, device, k, max_memory, batch_bytes: int = 0,
+               ops: set | None = None) -> tuple[int, dict]:  # fmt: skip
     """How many candidates one pass may hold next to the `batch_bytes` of cached batches the device holds (they come
-    out of the budget). K = 1 without max_memory: no probe (the fast path stays as it was)."""
+    out of the budget). K = 1 without max_memory: no probe (the fast path stays as it was). `ops`: estimate_bytes'."""
     if k == 1 and max_memory is None:
         return 1, {}
-    parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn)
+    parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn, ops)
     per = sum(parts.values())
     budget = int(max_memory) if max_memory is not None else available_bytes(device)
     fit = min(k, (budget - batch_bytes) // per)
