@@ -88,11 +88,13 @@ def find(
       bitwise in the per-candidate loop (on its threads: a K = 1 run at the share of torch's threads).
     `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
     the model per step; on CPU side by side on threads, each calling a replica of the model on a share of torch's
-    threads, kept where they measure faster, not for models drawing random numbers or with hooks), or "auto"
-    (default): the run's first steps measure both (a warm-up step of each, then a timed step of each, and one more
+    threads, kept where a candidate's step takes 2 ms or more and they measure faster, not for models drawing random
+    numbers or with hooks), or "auto" (default): on CPU, recurrent models, models running convolutions or attention
+    and any 2 candidates run as a loop at once (where the batched call measured slower on every benchmark model);
+    otherwise the run's first steps measure both (a warm-up step of each, then a timed step of each, and one more
     timed pair when the two are within 1.25x; their seconds in
     result.timings["forward_choice"]), and the batched call is kept only when it measured faster, else the rest run
-    as a loop (conv nets and attention on CPU), which runs each candidate at the K = 1 step's speed; with K >= 4
+    as a loop, which runs each candidate at the K = 1 step's speed; with K >= 4
     candidates sharing batches (grid, sweep), steps batching the first 1, 2, ... candidates (the others looped) come
     first, and a batched call whose cost a candidate does not fall fast enough to win at K is never run at K; eager only
     (compiled or captured, the batched call runs). result.info["forward"] says which ran and what was measured.

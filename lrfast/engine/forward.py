@@ -9,10 +9,10 @@ candidates can run:
   (data-dependent control flow, .item(), unstackable batches, recurrent layers...) a per-candidate loop runs
   instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
   forward="auto" times both on the run's first steps (MEASURE) and keeps the batched call only where it measured
-  faster than the loop, and recurrent models and 2 candidates on a CPU take the loop at once (unbatchable);
-  `mode`, `why` and `notes` say which ran and why. Stopped candidates are left out (`alive`): the loop skips them,
-  the batched call runs the rows up to the last live one, and auto's batched call hands over to the loop once that
-  is cheaper.
+  faster than the loop; recurrent models, and on a CPU models running convolutions or attention and any 2
+  candidates, take the loop at once (unbatchable); `mode`, `why` and `notes` say which ran and why. Stopped
+  candidates are left out (`alive`): the loop skips them, the batched call runs the rows up to the last live one,
+  and auto's batched call hands over to the loop once that is cheaper.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
