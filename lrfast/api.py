@@ -89,8 +89,9 @@ def find(
     `forward`: how K > 1 candidates run: "vmap" (one batched call over stacked weights), "loop" (K plain calls of
     the model per step; on CPU side by side on threads, each calling a replica of the model on a share of torch's
     threads, kept where a candidate's step takes 2 ms or more and they measure faster, not for models drawing random
-    numbers or with hooks), or "auto" (default): on CPU, recurrent models, models running convolutions or attention
-    and any 2 candidates run as a loop at once (where the batched call measured slower on every benchmark model);
+    numbers or with hooks), or "auto" (default): recurrent models and, on CPU, models running convolutions or
+    attention and any 2 candidates run as a loop at once (where the batched call measured slower on every benchmark
+    model);
     otherwise the run's first steps measure both (a warm-up step of each, then a timed step of each, and one more
     timed pair when the two are within 1.25x; their seconds in
     result.timings["forward_choice"]), and the batched call is kept only when it measured faster, else the rest run
