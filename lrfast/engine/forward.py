@@ -580,7 +580,8 @@ class BatchedStep:
         threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and the generator are
         put back as they were before it, so that every step of every candidate is a K = 1 run's at the share, for
         one candidate's step more. A candidate that drew random numbers (dropout...) rules the threads out: they
-        would draw them in no fixed order."""
+        would draw them in no fixed order; so does a timed step under THREADS_FROM_MS, decided before any thread or
+        replica is made."""
         self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
         if self._draws:
             if self._threads_wanted() > 1:
@@ -588,20 +589,20 @@ class BatchedStep:
                                   "side by side: the model draws random numbers in its forward (dropout...), which "
                                   "threads would draw in no fixed order")  # fmt: skip
             return False
-        self._start_threads()
-        if self._threads is None:
+        if not self._threadable():
             return False
         self._put_back(k, saved)  # then once more on the full count, timed: a candidate's cost one after another
-        with self._threads.all():
-            t0 = _wall()
-            self._candidate(k, self.model, self.slots, self._rows(), item, False)
-            self._one_ms = 1e3 * (_wall() - t0)
+        t0 = _wall()
+        self._candidate(k, self.model, self.slots, self._rows(), item, False)
+        self._one_ms = 1e3 * (_wall() - t0)
         if self._one_ms < THREADS_FROM_MS:  # its step, just made on the full count from its state, is kept
             self._unthreadable = f"a candidate's step measured {self._one_ms:.2f} ms"
-            self.close()
             self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads: "
                               f"{self._unthreadable} on all of torch's threads, under the {THREADS_FROM_MS:g} ms "
                               "from which threads pay for the whole step")  # fmt: skip
+            return False
+        self._start_threads()
+        if self._threads is None:  # the model could not be replicated: that step is kept too
             return False
         self._put_back(k, saved)
         return True
@@ -680,23 +681,35 @@ class BatchedStep:
         step uses: small layers keep one core busy far better than two (LeNet-5, K = 4, the 2-core CPU: 31-32 ms a
         step on 2 threads of 1 against 39-40 one after another on 2). Not where the model has hooks (they would run
         on a replica, on threads) or cannot be replicated: the note says why."""
-        n = self._threads_wanted()
-        if self._threads is not None or n < 2 or self._unthreadable:
+        if self._threads is not None or not self._threadable():
             return
-        why = "" if self._unthreadable == "" else _unthreadable(self.model)  # looked at once (None: not yet)
-        if not why:
-            try:
-                replicas = [_replica(self.model) for _ in range(n)]
-            except Exception as e:  # noqa: BLE001 - a model that cannot be replicated: one call after another
-                why = f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})"
-        self._unthreadable = why
-        if why:
-            self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on {n} threads "
-                              f"side by side: {why}")  # fmt: skip
+        n = self._threads_wanted()
+        try:
+            replicas = [_replica(self.model) for _ in range(n)]
+        except Exception as e:  # noqa: BLE001 - a model that cannot be replicated: one call after another
+            self._no_threads(f"the model could not be replicated for them ({type(e).__name__}: {first_line(e)})")
             return
         rows = self._rows()
         self._replicas = [(r, Slots(r), [(params[id(p)], d, g) for p, d, g in rows]) for r, params in replicas]
         self._threads = _Threads(n)
+
+    def _threadable(self) -> bool:
+        """Whether the loop may run on threads: torch on 2 or more of them, and nothing ruled them out (the model's
+        hooks, looked at once; a measurement); a note says why not where the model rules them out."""
+        if self._threads_wanted() < 2 or self._unthreadable:
+            return False
+        if self._unthreadable is None:
+            why = _unthreadable(self.model)
+            if why:
+                self._no_threads(why)
+                return False
+            self._unthreadable = ""
+        return True
+
+    def _no_threads(self, why: str) -> None:
+        self._unthreadable = why
+        self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on "
+                          f"{self._threads_wanted()} threads side by side: {why}")  # fmt: skip
 
     def _threads_wanted(self) -> int:
         """How many threads the loop would run on (1: none; only on a CPU arena)."""
