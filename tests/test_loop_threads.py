@@ -114,9 +114,10 @@ def test_a_model_with_hooks_runs_one_candidate_after_another_and_says_why():
 
 def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch):
     """A candidate measured 4 ms one after another (on all of torch's threads, the first call's first candidate once
-    more) and 8 a candidate on the threads (32 ms for the 4 of the second call, which follows a call on them): the
-    loop runs one candidate after another from the third call on, and says so."""
-    times = iter([0.0, 0.004, 5.0, 6.0, 6.032])  # the serial candidate; call 1 (not timed: after serial work); call 2
+    more, after a first step of 5 ms) and 8 a candidate on the threads (32 ms for the 4 of the second call, which
+    follows a call on them): the loop runs one candidate after another from the third call on, and says so."""
+    # the first candidate, then once more; call 1 on the threads (not timed: after serial work); call 2
+    times = iter([0.0, 0.005, 1.0, 1.004, 5.0, 6.0, 6.032])
     monkeypatch.setattr(F, "_wall", lambda: next(times))
     model = Recording()
     with torch_threads(2):
@@ -131,7 +132,7 @@ def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch)
 
 def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_another_each_its_k1_curve(monkeypatch):
     """The first call's first candidate measured 1 ms on all of torch's threads (under THREADS_FROM_MS): no thread
-    starts, that step is kept as made (on the full count, as a K = 1 run's), and the note says why."""
+    starts, that step is kept as made (on the full count, as a K = 1 run's; not run again), and the note says why."""
     times = iter([0.0, 0.001])
     monkeypatch.setattr(F, "_wall", lambda: next(times))
     model = Recording()
@@ -141,7 +142,7 @@ def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_anot
     assert ("the loop runs the 4 candidates one after another, not on threads: a candidate's step measured 1.00 ms on "
             f"all of torch's threads, under the {F.THREADS_FROM_MS:g} ms from which threads pay for the whole "
             "step") in grid.info["notes"]  # fmt: skip
-    assert len(model.threads) == 1 + 8 * len(LRS) + 1  # set-up's forward, each once a step, candidate 0 once more
+    assert len(model.threads) == 1 + 8 * len(LRS)  # the set-up's forward, then each candidate once a step
     for k, lr in enumerate(LRS):
         with torch_threads(2):
             one = _grid(Recording(), [lr])
@@ -188,3 +189,44 @@ def test_a_probe_whose_looped_candidates_all_stopped_runs_no_thread(monkeypatch)
         res = lrfast.find(Recording(), make_batches(n=12, batch=16), optimizer="sgd", strategy="grid",
                           lrs=[1e-3, 1e4, 2e4, 3e4], steps=8, progress=False)  # fmt: skip
     assert res.runs.tolist()[0] == 8 and max(res.runs.tolist()[1:]) < 8
+
+
+def test_the_loop_zeroes_only_the_rows_it_ran_and_stopped_candidates_keep_zero_grads(monkeypatch):
+    """A grid whose middle and last LRs diverge within a few steps (SGD): once they stop, each call zeroes only the
+    grads of the rows the last call ran (a stopped row once more, at the call after its last, then never), the
+    stopped rows' grads stay zero, and the candidates still running have their K = 1 curves bitwise."""
+    from lrfast.engine.arena import Arena
+
+    zeroed: list = []
+    seen: list = []
+    real = Arena.zero_grad
+
+    def spy(self, rows=None):
+        zeroed.append(rows)
+        real(self, rows)
+
+    monkeypatch.setattr(Arena, "zero_grad", spy)
+    real_update = F.BatchedStep.__call__
+
+    def grads_after(self, item):  # each call's grads, row by row: zero or not
+        loss = real_update(self, item)
+        seen.append([bool(seg.g[k].any()) for k in range(self.arena.k) for seg in self.arena.segments[:1]])
+        return loss
+
+    monkeypatch.setattr(F.BatchedStep, "__call__", grads_after)
+    lrs = [1e-2, 1e4, 3e-2, 1e5]
+    with torch_threads(1):
+        res = lrfast.find(make_mlp(), make_batches(n=12, batch=16), optimizer="sgd", strategy="grid", lrs=lrs,
+                          steps=12, forward="loop", progress=False)  # fmt: skip
+    runs = res.runs.tolist()
+    assert runs[0] == runs[2] == 12 and runs[1] < 10 and runs[3] < 10
+    last = max(runs[1], runs[3])  # call last + 1 (zeroed[last]) zeroes the last rows that stopped
+    assert zeroed[0] is None  # the first call: every row
+    for rows in zeroed[last + 1 :]:
+        assert (rows.start, rows.stop) in {(0, 1), (2, 3)}  # the running rows only, each its own slice
+    assert all(s == [True, False, True, False] for s in seen[last:])
+    for k in (0, 2):
+        with torch_threads(1):
+            one = lrfast.find(make_mlp(), make_batches(n=12, batch=16), optimizer="sgd", strategy="grid",
+                              lrs=[lrs[k]], steps=12, progress=False)  # fmt: skip
+        np.testing.assert_array_equal(res.losses[k], one.losses[0])

@@ -124,6 +124,11 @@ class Arena:
             for t in s.state.values():
                 t.zero_()
 
-    def zero_grad(self) -> None:
-        for buf in self.grad_buffers.values():
-            buf.zero_()
+    def zero_grad(self, rows: slice | None = None) -> None:
+        """Every candidate's grads zero; `rows`: only those candidates'."""
+        if rows is None:
+            for buf in self.grad_buffers.values():
+                buf.zero_()
+            return
+        for s in self.segments:
+            s.g[rows].zero_()

@@ -172,6 +172,7 @@ class BatchedStep:
         self._nan = torch.tensor(float("nan"), device=arena.device)  # the loss of a stopped candidate left out
         self._zeroed = arena.k  # the batched call's rows [m, K) left out have zero grads from row _zeroed on
         self._loop_ran = 0  # how many candidates the loop's last call ran
+        self._dirty: np.ndarray | None = None  # the loop's rows whose grads may not be zero (None: any row's)
         self._measuring = False  # inside one of auto's measured calls
         self._threads: _Threads | None = None  # the loop's threads (_start_threads), with a replica of the model each
         self._replicas: list[tuple[nn.Module, Slots, list]] = []  # (replica, its slots, its _rows())
@@ -481,6 +482,7 @@ class BatchedStep:
         k = self.arena.k
         m = rows or (k if each else self._rows_run())  # per-candidate batches are stacked [K, ...]: every row
         leaves, buffers, dst = self.leaves, self.buffers, self.g
+        self._dirty = None  # the loop's next call zeroes every row
         scale = None if self.scaler is None else self.scaler.scale
         if m < k:  # the rows after the last live candidate have stopped: the first m rows only
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
@@ -538,8 +540,9 @@ class BatchedStep:
         if start:
             for seg in self.arena.segments:
                 seg.g[start:].zero_()
+            self._dirty = None
         else:
-            self.arena.zero_grad()  # unused params get no grad here; vmap returns zeros for them and needs no fill
+            self._zero_dirty()  # unused params get no grad here; vmap returns zeros for them and needs no fill
         # randomness "same": every candidate draws the masks candidate 0 draws (as vmap's "same" and a K = 1 run do),
         # by rewinding the device's generator; not inside a CUDA graph capture, where it cannot be set
         device = self.arena.device
@@ -549,6 +552,8 @@ class BatchedStep:
         check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
         ks = [k for k in range(start, self.arena.k) if live is None or live[k]]  # stopped: frozen (LR 0), not run
         self._loop_ran = len(ks)
+        if self._dirty is not None:
+            self._dirty[ks] = True
         losses: dict[int, torch.Tensor] = {}
         first = self._draws is None and len(ks) > 1  # its first candidate tells whether the others can run on threads
         if self._draws is False:
@@ -557,31 +562,50 @@ class BatchedStep:
             self._rng_before = _rng_state(device) if state is None else state
             saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
         threaded = self._threads is not None and len(ks) > 0  # none: every candidate of a probe's loop stopped
+        made_ms = 0.0
         try:
             if threaded:
                 self._threaded(item, ks, losses, check)
             else:
                 for i, k in enumerate(ks):
-                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved, item):
+                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved, item, made_ms):
                         self._threaded(item, ks, losses, check)  # candidate ks[0] again, on its share of threads
                         break
                     if rewind and (k or start):
                         _set_rng_state(device, state)
+                    t0 = _wall() if first and not i else None  # the first candidate's step, timed
                     losses[k] = self._candidate(k, self.model, self.slots, rows, item, check)
+                    made_ms = 1e3 * (_wall() - t0) if t0 is not None else made_ms
         finally:
             for p, data, grads in rows:
                 p.data, p.grad = data[0], grads[0]
         self._after_threads = threaded or self._threads is not None
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
-    def _threads_for_the_rest(self, k: int, saved: dict, item) -> bool:
-        """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs:
-        True where the loop's threads now run the call (_start_threads), from k again. k ran on another count of
-        threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and the generator are
-        put back as they were before it, so that every step of every candidate is a K = 1 run's at the share, for
-        one candidate's step more. A candidate that drew random numbers (dropout...) rules the threads out: they
-        would draw them in no fixed order; so does a timed step under THREADS_FROM_MS, decided before any thread or
-        replica is made."""
+    def _zero_dirty(self) -> None:
+        """Zero the grads of the rows the loop ran since the last zeroing (every row when not known: the first call,
+        after a batched call or a probe): a stopped candidate's row is zeroed once, at the call after its last, and
+        stays zero (an early-stopped pass of 16 MLP candidates with one still running zeroes 1 row a step, not
+        16). Nothing reads a stopped row's grads but the fp16 scaler's finiteness check, which zero passes."""
+        dirty, k = self._dirty, self.arena.k
+        if dirty is None or dirty.all():
+            self.arena.zero_grad()
+        else:
+            rows = np.flatnonzero(dirty)
+            ends = np.flatnonzero(np.diff(rows) != 1)  # runs of consecutive rows: one slice each
+            for a, b in zip(rows[np.r_[0, ends + 1]], rows[np.r_[ends, len(rows) - 1]]):
+                self.arena.zero_grad(slice(int(a), int(b) + 1))
+        self._dirty = np.zeros(k, dtype=bool)
+
+    def _threads_for_the_rest(self, k: int, saved: dict, item, made_ms: float) -> bool:
+        """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs
+        (in `made_ms`): True where the loop's threads now run the call (_start_threads), from k again. k ran on
+        another count of threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and
+        the generator are put back as they were before it, so that every step of every candidate is a K = 1 run's at
+        the share, for one candidate's step more. A candidate that drew random numbers (dropout...) rules the
+        threads out: they would draw them in no fixed order; so does a step under THREADS_FROM_MS, decided before
+        any thread or replica is made: that first step (a first call's, the slowest) when it is already under, else
+        k's step once more from its state, timed."""
         self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
         if self._draws:
             if self._threads_wanted() > 1:
@@ -591,10 +615,12 @@ class BatchedStep:
             return False
         if not self._threadable():
             return False
-        self._put_back(k, saved)  # then once more on the full count, timed: a candidate's cost one after another
-        t0 = _wall()
-        self._candidate(k, self.model, self.slots, self._rows(), item, False)
-        self._one_ms = 1e3 * (_wall() - t0)
+        if made_ms >= THREADS_FROM_MS:  # once more on the full count, timed: a candidate's cost one after another
+            self._put_back(k, saved)
+            t0 = _wall()
+            self._candidate(k, self.model, self.slots, self._rows(), item, False)
+            made_ms = 1e3 * (_wall() - t0)
+        self._one_ms = made_ms
         if self._one_ms < THREADS_FROM_MS:  # its step, just made on the full count from its state, is kept
             self._unthreadable = f"a candidate's step measured {self._one_ms:.2f} ms"
             self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads: "
