@@ -188,19 +188,24 @@ def test_static_inputs_load_the_batch_of_the_device_step():
 
 @pytest.mark.parametrize("like", [None, "lightning", "torch_lr_finder"])
 def test_the_tracker_records_with_an_int_or_a_device_step_alike(like):
-    """An int step on CPU records on the host (numpy; Python floats for K = 1), a device step with torch ops: the
-    values are bitwise the same (NaN, divergence by threshold, a peer's smoothing)."""
-    seq = [[1.0, 2.0], [0.9, 5.0], [0.8, 90.0], [0.7, 1.0], [0.6, math.nan]]
-    for k in (2, 1):
+    """An int step on CPU records on the host (Python floats row by row up to SCALAR_ROWS candidates, numpy above),
+    a device step with torch ops: the values are bitwise the same (NaN, divergence by threshold, a peer's
+    smoothing)."""
+    from lrfast.engine.tracker import SCALAR_ROWS
+
+    two = [[1.0, 2.0], [0.9, 5.0], [0.8, 90.0], [0.7, 1.0], [0.6, math.nan]]
+    wide = SCALAR_ROWS + 1
+    seq = [[x * (1 + j / 7) for j in range(wide // 2 + 1) for x in row][:wide] for row in two]
+    for k in (wide, SCALAR_ROWS, 2, 1):
         a, b = (Tracker(k, 5, 0.9, 3.0, CPU, like=like) for _ in range(2))
         for t, loss in enumerate(seq):
             a.record(t, torch.tensor(loss[:k], dtype=torch.float32))
             b.record(torch.tensor([t]), torch.tensor(loss[:k], dtype=torch.float32))
         for x, y in zip(a.tensors, b.tensors):
             assert torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0)), (k, x, y)
-        assert a.steps_run.tolist() == [5, 3][:k] and a.alive.tolist() == [True, False][:k]
+        assert a.steps_run.tolist() == ([5, 3] * wide)[:k] and a.alive.tolist() == ([True, False] * wide)[:k]
     one = Tracker(1, 5, 0.9, None, CPU)
-    for t, loss in enumerate(seq):
+    for t, loss in enumerate(two):
         one.record(t, torch.tensor(loss[1:]))
     assert one.steps_run.tolist() == [5] and one.alive.tolist() == [False]  # the NaN at the last step stops it
 

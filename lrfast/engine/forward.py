@@ -591,10 +591,13 @@ class BatchedStep:
         if dirty is None or dirty.all():
             self.arena.zero_grad()
         else:
-            rows = np.flatnonzero(dirty)
-            ends = np.flatnonzero(np.diff(rows) != 1)  # runs of consecutive rows: one slice each
-            for a, b in zip(rows[np.r_[0, ends + 1]], rows[np.r_[ends, len(rows) - 1]]):
-                self.arena.zero_grad(slice(int(a), int(b) + 1))
+            start = None  # runs of consecutive dirty rows: one slice each
+            for j, d in enumerate(dirty.tolist() + [False]):
+                if d and start is None:
+                    start = j
+                elif not d and start is not None:
+                    self.arena.zero_grad(slice(start, j))
+                    start = None
         self._dirty = np.zeros(k, dtype=bool)
 
     def _threads_for_the_rest(self, k: int, saved: dict, item, made_ms: float) -> bool:
