@@ -170,9 +170,8 @@ class BatchedStep:
         self._loop_buffers: list[dict] = []
         self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
         self._nan = torch.tensor(float("nan"), device=arena.device)  # the loss of a stopped candidate left out
-        self._zeroed = arena.k  # the batched call's rows [m, K) left out have zero grads from row _zeroed on
         self._loop_ran = 0  # how many candidates the loop's last call ran
-        self._dirty: np.ndarray | None = None  # the loop's rows whose grads may not be zero (None: any row's)
+        self._dirty: np.ndarray | None = None  # the rows whose grads may not be zero (None: any row's), _zero_dirty
         self._measuring = False  # inside one of auto's measured calls
         self._threads: _Threads | None = None  # the loop's threads (_start_threads), with a replica of the model each
         self._replicas: list[tuple[nn.Module, Slots, list]] = []  # (replica, its slots, its _rows())
@@ -482,17 +481,15 @@ class BatchedStep:
         k = self.arena.k
         m = rows or (k if each else self._rows_run())  # per-candidate batches are stacked [K, ...]: every row
         leaves, buffers, dst = self.leaves, self.buffers, self.g
-        self._dirty = None  # the loop's next call zeroes every row
         scale = None if self.scaler is None else self.scaler.scale
         if m < k:  # the rows after the last live candidate have stopped: the first m rows only
             leaves = [v[:m].detach().requires_grad_() for v in self.p]
             buffers, dst = {n: b[:m] for n, b in buffers.items()}, [g[:m] for g in dst]
             scale = None if scale is None else scale[:m]
-            if rows is None and m < self._zeroed:  # the stopped rows left out keep zero grads, as the loop leaves
-                # a stopped candidate's (set once; a probe's loop writes its rows itself)
-                for g in self.g:
-                    g[m : self._zeroed].zero_()
-                self._zeroed = m
+            if rows is None:  # the stopped rows left out keep zero grads, as the loop leaves a stopped candidate's
+                self._zero_dirty(m)  # (zeroed once; a probe's loop writes its rows itself)
+        if self._dirty is not None:
+            self._dirty[:m] = True  # the grads copied in below
         with _batchable(self.arena.device):  # the forward's ops (the backward runs on what they recorded)
             loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
         if loss.dim() != 1:
@@ -582,23 +579,26 @@ class BatchedStep:
         self._after_threads = threaded or self._threads is not None
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
-    def _zero_dirty(self) -> None:
-        """Zero the grads of the rows the loop ran since the last zeroing (every row when not known: the first call,
-        after a batched call or a probe): a stopped candidate's row is zeroed once, at the call after its last, and
-        stays zero (an early-stopped pass of 16 MLP candidates with one still running zeroes 1 row a step, not
-        16). Nothing reads a stopped row's grads but the fp16 scaler's finiteness check, which zero passes."""
-        dirty, k = self._dirty, self.arena.k
-        if dirty is None or dirty.all():
+    def _zero_dirty(self, start: int = 0) -> None:
+        """Zero the grads of the rows from `start` on that were written since their last zeroing (the loop's and
+        the batched call's, which mark what they write; every row when not known: the first call, after a probe):
+        a stopped candidate's row is zeroed once, at the call after its last, and stays zero (an early-stopped pass
+        of 16 MLP candidates with one still running zeroes 1 row a step, not 16). Nothing reads a stopped row's
+        grads but the fp16 scaler's finiteness check, which zero passes."""
+        k = self.arena.k
+        dirty = np.ones(k, dtype=bool) if self._dirty is None else self._dirty
+        if not start and dirty.all():
             self.arena.zero_grad()
         else:
-            start = None  # runs of consecutive dirty rows: one slice each
-            for j, d in enumerate(dirty.tolist() + [False]):
-                if d and start is None:
-                    start = j
-                elif not d and start is not None:
-                    self.arena.zero_grad(slice(start, j))
-                    start = None
-        self._dirty = np.zeros(k, dtype=bool)
+            first = None  # runs of consecutive dirty rows: one slice each
+            for j, d in enumerate(dirty[start:].tolist() + [False], start=start):
+                if d and first is None:
+                    first = j
+                elif not d and first is not None:
+                    self.arena.zero_grad(slice(first, j))
+                    first = None
+        dirty[start:] = False
+        self._dirty = dirty
 
     def _threads_for_the_rest(self, k: int, saved: dict, item, made_ms: float) -> bool:
         """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs
