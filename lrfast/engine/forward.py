@@ -544,22 +544,23 @@ class BatchedStep:
         # by rewinding the device's generator; not inside a CUDA graph capture, where it cannot be set
         device = self.arena.device
         rewind = self.randomness == "same" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        state = (_rng_state(device) if state is None else state) if rewind else None
         rows, live = self._rows(), self._live()
         check = self._loop_calls == 1  # autograd accumulates into the preset views: checked on the first call
         ks = [k for k in range(start, self.arena.k) if live is None or live[k]]  # stopped: frozen (LR 0), not run
         self._loop_ran = len(ks)
         if self._dirty is not None:
             self._dirty[ks] = True
+        if rewind and state is None and len(ks) > 1:  # the first candidate draws from the generator as it is
+            state = _rng_state(device)
         losses: dict[int, torch.Tensor] = {}
         first = self._draws is None and len(ks) > 1  # its first candidate tells whether the others can run on threads
-        if self._draws is False:
+        if self._draws is False and not self._unthreadable:
             self._start_threads()
         elif first:
             self._rng_before = _rng_state(device) if state is None else state
             saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
         threaded = self._threads is not None and len(ks) > 0  # none: every candidate of a probe's loop stopped
-        made_ms = 0.0
+        made_ms, at = 0.0, 0  # at: the row the model's parameters point at (row 0 between calls, as lent)
         try:
             if threaded:
                 self._threaded(item, ks, losses, check)
@@ -568,14 +569,16 @@ class BatchedStep:
                     if i == 1 and first and self._threads_for_the_rest(ks[0], saved, item, made_ms):
                         self._threaded(item, ks, losses, check)  # candidate ks[0] again, on its share of threads
                         break
-                    if rewind and (k or start):
+                    if rewind and (i or start):
                         _set_rng_state(device, state)
                     t0 = _wall() if first and not i else None  # the first candidate's step, timed
-                    losses[k] = self._candidate(k, self.model, self.slots, rows, item, check)
+                    point, at = k != at or check or self._copy_grads, k
+                    losses[k] = self._candidate(k, self.model, self.slots, rows, item, check, point)
                     made_ms = 1e3 * (_wall() - t0) if t0 is not None else made_ms
         finally:
-            for p, data, grads in rows:
-                p.data, p.grad = data[0], grads[0]
+            if at or first or check or self._copy_grads:  # one candidate, row 0's, left them pointed there
+                for p, data, grads in rows:
+                    p.data, p.grad = data[0], grads[0]
         self._after_threads = threaded or self._threads is not None
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
@@ -679,12 +682,14 @@ class BatchedStep:
                               "drew random numbers (in no fixed order across the candidates that call); it runs them "
                               "one after another from there")  # fmt: skip
 
-    def _candidate(self, k: int, model: nn.Module, slots: Slots, rows: list, item, check: bool) -> torch.Tensor:
+    def _candidate(self, k: int, model: nn.Module, slots: Slots, rows: list, item, check: bool,
+                   point: bool = True) -> torch.Tensor:  # fmt: skip
         """Candidate k's forward and backward through `model` (the user's, or a thread's replica) whose parameters
-        `rows` lists; its detached loss."""
+        `rows` lists, pointed at row k first (`point` False: they already are, grads included); its detached loss."""
         split = item[k] if isinstance(item, list) else item
-        for p, data, grads in rows:
-            p.data, p.grad = data[k], grads[k]
+        if point:
+            for p, data, grads in rows:
+                p.data, p.grad = data[k], grads[k]
         with autocast(self.arena.device, self.precision):
             if self._loop_buffers:
                 out = slots.call(model, {}, self._loop_buffers[k], split.args, split.kwargs)
