@@ -71,6 +71,7 @@ class Arena:
         self.k, self.device, self.kind = k, device, plan.kind
         self.backend = backend or backend_for(plan.kind, device)[0]
         self.segments: list[Segment] = []
+        self._grad_rows: dict[tuple[int, int], list[torch.Tensor]] = {}  # zero_grad(rows)'s views
         layout = []
         for group in plan.groups:
             by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
@@ -124,11 +125,14 @@ class Arena:
             for t in s.state.values():
                 t.zero_()
 
-    def zero_grad(self, rows: slice | None = None) -> None:
-        """Every candidate's grads zero; `rows`: only those candidates'."""
+    def zero_grad(self, rows: tuple[int, int] | None = None) -> None:
+        """Every candidate's grads zero; `rows` (first, end): only those candidates' (their views made once)."""
         if rows is None:
             for buf in self.grad_buffers.values():
                 buf.zero_()
             return
-        for s in self.segments:
-            s.g[rows].zero_()
+        views = self._grad_rows.get(rows)
+        if views is None:
+            views = self._grad_rows[rows] = [s.g[rows[0] : rows[1]] for s in self.segments]
+        for v in views:
+            v.zero_()

@@ -141,6 +141,7 @@ class BatchedStep:
         the loop once the loop over the survivors is faster than the batched call, at the measured speeds."""
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
         self.alive = alive
+        self._alive = None if alive is None else alive.numpy()  # a view: the tracker updates alive in place
         self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
@@ -171,7 +172,7 @@ class BatchedStep:
         self._copy_grads = False  # autograd replaced a preset grad view in the loop: copy every call
         self._nan = torch.tensor(float("nan"), device=arena.device)  # the loss of a stopped candidate left out
         self._loop_ran = 0  # how many candidates the loop's last call ran
-        self._dirty: np.ndarray | None = None  # the rows whose grads may not be zero (None: any row's), _zero_dirty
+        self._dirty: list[bool] | None = None  # the rows whose grads may not be zero (None: any row's), _zero_dirty
         self._measuring = False  # inside one of auto's measured calls
         self._threads: _Threads | None = None  # the loop's threads (_start_threads), with a replica of the model each
         self._replicas: list[tuple[nn.Module, Slots, list]] = []  # (replica, its slots, its _rows())
@@ -361,7 +362,7 @@ class BatchedStep:
         leaving a stopped one out would change the masks of those after it."""
         if self.alive is None or self.randomness != "same":
             return None
-        return self.alive.numpy()
+        return self._alive
 
     def _rows_run(self) -> int:
         """How many candidates a call in the current mode runs: the loop the live ones, the batched call the rows
@@ -380,7 +381,7 @@ class BatchedStep:
         """Every candidate's mean loss over the cached validation batches, in eval mode; returns [K] (the loop:
         NaN for a candidate that stopped, which is not scored)."""
         params = dict(zip(self.names, self.p))
-        live = None if self.alive is None else self.alive.numpy()  # eval mode draws nothing: any randomness
+        live = self._alive  # eval mode draws nothing: any randomness
         self.model.eval()
         for r, *_ in self._replicas:
             r.eval()
@@ -489,7 +490,7 @@ class BatchedStep:
             if rows is None:  # the stopped rows left out keep zero grads, as the loop leaves a stopped candidate's
                 self._zero_dirty(m)  # (zeroed once; a probe's loop writes its rows itself)
         if self._dirty is not None:
-            self._dirty[:m] = True  # the grads copied in below
+            self._dirty[:m] = [True] * m  # the grads copied in below
         with _batchable(self.arena.device):  # the forward's ops (the backward runs on what they recorded)
             loss = self._batched(s, each)(dict(zip(self.names, leaves)), buffers, s.args, s.kwargs, s.target)
         if loss.dim() != 1:
@@ -549,7 +550,8 @@ class BatchedStep:
         ks = [k for k in range(start, self.arena.k) if live is None or live[k]]  # stopped: frozen (LR 0), not run
         self._loop_ran = len(ks)
         if self._dirty is not None:
-            self._dirty[ks] = True
+            for k in ks:
+                self._dirty[k] = True
         if rewind and state is None and len(ks) > 1:  # the first candidate draws from the generator as it is
             state = _rng_state(device)
         losses: dict[int, torch.Tensor] = {}
@@ -589,18 +591,19 @@ class BatchedStep:
         of 16 MLP candidates with one still running zeroes 1 row a step, not 16). Nothing reads a stopped row's
         grads but the fp16 scaler's finiteness check, which zero passes."""
         k = self.arena.k
-        dirty = np.ones(k, dtype=bool) if self._dirty is None else self._dirty
-        if not start and dirty.all():
+        dirty = [True] * k if self._dirty is None else self._dirty
+        if not start and all(dirty):
             self.arena.zero_grad()
         else:
             first = None  # runs of consecutive dirty rows: one slice each
-            for j, d in enumerate(dirty[start:].tolist() + [False], start=start):
+            for j in range(start, k + 1):
+                d = j < k and dirty[j]
                 if d and first is None:
                     first = j
                 elif not d and first is not None:
-                    self.arena.zero_grad(slice(first, j))
+                    self.arena.zero_grad((first, j))
                     first = None
-        dirty[start:] = False
+        dirty[start:] = [False] * (k - start)
         self._dirty = dirty
 
     def _threads_for_the_rest(self, k: int, saved: dict, item, made_ms: float) -> bool:
