@@ -1,7 +1,9 @@
 """The loop's threads (engine/forward.py: BatchedStep._start_threads, _Threads, _replica): on a CPU arena the loop
 runs its K candidates side by side on min(K, n) threads of torch's n, each calling its own replica of the model with
-a share of the n. A candidate's ops there are a K = 1 run's at that share, so its curve equals that run's bitwise
-(_helpers.torch_threads); the user's model, its state and torch's thread count are left as they were."""
+a share of the n. The first call runs its first two candidates one after another on all n (timed: the cost the
+threads must beat), the rest on the threads; every other step of a candidate is a K = 1 run's at its share, so the
+curves of candidates 2.. equal those runs' bitwise (_helpers.torch_threads), those of 0 and 1 to the rounding of one
+step on n threads; the user's model, its state and torch's thread count are left as they were."""
 
 import threading
 
@@ -57,8 +59,11 @@ def _tokens(n: int = 8):
 
 
 def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bitwise(monkeypatch):
-    """4 candidates on 2 threads of 1 (torch set to 2): every step's forwards on both threads, and each candidate's
-    training and validation curves (eval mode, its own running stats) bitwise its K = 1 run's on 1 thread."""
+    """4 candidates on 2 threads of 1 (torch set to 2): every step's forwards on both threads but the first call's
+    first two, and each candidate's training and validation curves (eval mode, its own running stats) bitwise its
+    K = 1 run's on 1 thread from candidate 2 on; candidates 0 and 1 made their first step on 2 threads, as a K = 1
+    run on 2 does: their losses within 1e-6 of the run's on 1 (their validation, through Adam's first step of
+    +-lr on grads that are rounding noise and BatchNorm's eval statistics, as far as a K = 1 run's on 2 is)."""
     threads_measure_faster(monkeypatch)
     model, val = Recording(), make_batches(n=2, batch=16, seed=7)
     with torch_threads(2):
@@ -70,8 +75,11 @@ def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bi
     for k, lr in enumerate(LRS):
         with torch_threads(1):
             one = _grid(Recording(), [lr], val_loader=val, val_batches=2, val_every=2)
-        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
-        np.testing.assert_array_equal(grid.val_losses[k], one.val_losses[0])
+        if k >= 2:
+            np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+            np.testing.assert_array_equal(grid.val_losses[k], one.val_losses[0])
+        else:
+            np.testing.assert_allclose(grid.losses[k], one.losses[0], rtol=1e-6)
 
 
 def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_by_identity(monkeypatch):
@@ -87,7 +95,10 @@ def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_
     for k, lr in enumerate(LRS[:3]):
         with torch_threads(1):
             one = _grid(TiedRNN(), [lr], _tokens())
-        np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+        if k >= 2:  # candidates 0 and 1 made their first step on 2 threads
+            np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+        else:
+            np.testing.assert_allclose(grid.losses[k], one.losses[0], rtol=1e-6)
 
 
 def test_a_model_drawing_random_numbers_runs_one_candidate_after_another_and_says_why():
@@ -113,10 +124,10 @@ def test_a_model_with_hooks_runs_one_candidate_after_another_and_says_why():
 
 
 def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch):
-    """A candidate measured 4 ms one after another (on all of torch's threads, the first call's first candidate once
-    more, after a first step of 5 ms) and 8 a candidate on the threads (32 ms for the 4 of the second call, which
-    follows a call on them): the loop runs one candidate after another from the third call on, and says so."""
-    # the first candidate, then once more; call 1 on the threads (not timed: after serial work); call 2
+    """A candidate measured 4 ms one after another (on all of torch's threads, the faster of the first call's first
+    two, 5 and 4 ms) and 8 a candidate on the threads (32 ms for the 4 of the second call, which follows a call on
+    them): the loop runs one candidate after another from the third call on, and says so."""
+    # the first two candidates; the other two on the threads (not timed: after serial work); call 2
     times = iter([0.0, 0.005, 1.0, 1.004, 5.0, 6.0, 6.032])
     monkeypatch.setattr(F, "_wall", lambda: next(times))
     model = Recording()
@@ -125,15 +136,15 @@ def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch)
     assert grid.info["forward"] == "loop (K=4): forward='loop'"
     assert ("the loop runs the 4 candidates one after another: it measured 8.00 ms a candidate on 2 threads side by "
             "side, 4.00 one after another") in grid.info["notes"]  # fmt: skip
-    first = 1 + 2 + len(LRS)  # call 1: candidate 0 for the checks, again on the full count, then 4 on the threads
+    first = 1 + len(LRS)  # the set-up's forward; call 1: candidates 0 and 1 one after another, 2 and 3 on the threads
     assert len(set(model.threads[first : first + len(LRS)])) == 2  # call 2 on both threads
     assert set(model.threads[first + len(LRS) :]) == {"MainThread"}
 
 
 def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_another_each_its_k1_curve(monkeypatch):
-    """The first call's first candidate measured 1 ms on all of torch's threads (under THREADS_FROM_MS): no thread
-    starts, that step is kept as made (on the full count, as a K = 1 run's; not run again), and the note says why."""
-    times = iter([0.0, 0.001])
+    """The first call's first two candidates measured 1 ms each on all of torch's threads (under THREADS_FROM_MS):
+    no thread starts, no step is run twice, and the note says why."""
+    times = iter([0.0, 0.001, 1.0, 1.001])
     monkeypatch.setattr(F, "_wall", lambda: next(times))
     model = Recording()
     with torch_threads(2):

@@ -177,9 +177,9 @@ class BatchedStep:
         self._threads: _Threads | None = None  # the loop's threads (_start_threads), with a replica of the model each
         self._replicas: list[tuple[nn.Module, Slots, list]] = []  # (replica, its slots, its _rows())
         self._unthreadable: str | None = None  # why the loop cannot run on threads ('' it can; None: not looked at)
-        self._draws: bool | None = None  # the model drew random numbers in the loop's first candidate (None: not run)
-        self._rng_before: torch.Tensor | None = None  # the generator's state before that candidate
-        self._one_ms: float | None = None  # that candidate's step on all of torch's threads, ms (_threads_for_the_rest)
+        self._draws: bool | None = None  # the model drew random numbers in the loop's first candidates (None: not run)
+        self._rng_before: torch.Tensor | None = None  # the generator's state before them
+        self._one_ms: float | None = None  # a candidate's step on all of torch's threads, ms (_threads_for_the_rest)
         self._thread_ms: float | None = None  # a candidate's on the threads, ms (_keep_threads)
         self._after_threads = False  # the last call ended on the loop's threads (a threaded call now starts on time)
         self.threads_info = ""  # the loop's threads kept, and what they measured
@@ -555,33 +555,37 @@ class BatchedStep:
         if rewind and state is None and len(ks) > 1:  # the first candidate draws from the generator as it is
             state = _rng_state(device)
         losses: dict[int, torch.Tensor] = {}
-        first = self._draws is None and len(ks) > 1  # its first candidate tells whether the others can run on threads
+        first = self._draws is None and len(ks) > 1  # its first candidates tell whether the others can run on threads
         if self._draws is False and not self._unthreadable:
             self._start_threads()
         elif first:
             self._rng_before = _rng_state(device) if state is None else state
-            saved = {n: b.clone() for n, b in self._loop_buffers[ks[0]].items()} if self._loop_buffers else {}
         threaded = self._threads is not None and len(ks) > 0  # none: every candidate of a probe's loop stopped
-        made_ms, at = 0.0, 0  # at: the row the model's parameters point at (row 0 between calls, as lent)
+        made_ms, at = [], 0  # at: the row the model's parameters point at (row 0 between calls, as lent)
         try:
             if threaded:
                 self._threaded(item, ks, losses, check)
             else:
                 for i, k in enumerate(ks):
-                    if i == 1 and first and self._threads_for_the_rest(ks[0], saved, item, made_ms):
-                        self._threaded(item, ks, losses, check)  # candidate ks[0] again, on its share of threads
+                    if i == 2 and first and self._threads_for_the_rest(made_ms):
+                        self._threaded(item, ks[2:], losses, check)  # the others on the threads, on their shares
+                        threaded = True
                         break
                     if rewind and (i or start):
                         _set_rng_state(device, state)
-                    t0 = _wall() if first and not i else None  # the first candidate's step, timed
+                    t0 = _wall() if first and i < 2 else None  # the first two candidates' steps, timed
                     point, at = k != at or check or self._copy_grads, k
                     losses[k] = self._candidate(k, self.model, self.slots, rows, item, check, point)
-                    made_ms = 1e3 * (_wall() - t0) if t0 is not None else made_ms
+                    if t0 is not None:
+                        made_ms.append(1e3 * (_wall() - t0))
+                else:
+                    if first and len(ks) == 2:  # the threads, if any, from the next call on
+                        self._threads_for_the_rest(made_ms)
         finally:
             if at or first or check or self._copy_grads:  # one candidate, row 0's, left them pointed there
                 for p, data, grads in rows:
                     p.data, p.grad = data[0], grads[0]
-        self._after_threads = threaded or self._threads is not None
+        self._after_threads = threaded  # the threads just started run their first call late: it is not timed
         return torch.stack([losses[k].float() if k in losses else self._nan for k in range(start, self.arena.k)])
 
     def _zero_dirty(self, start: int = 0) -> None:
@@ -606,15 +610,14 @@ class BatchedStep:
         dirty[start:] = [False] * (k - start)
         self._dirty = dirty
 
-    def _threads_for_the_rest(self, k: int, saved: dict, item, made_ms: float) -> bool:
-        """After the first candidate k of the loop's first call, run on all of torch's threads as a K = 1 step runs
-        (in `made_ms`): True where the loop's threads now run the call (_start_threads), from k again. k ran on
-        another count of threads than its share there, which rounds otherwise: its grads, buffers (from `saved`) and
-        the generator are put back as they were before it, so that every step of every candidate is a K = 1 run's at
-        the share, for one candidate's step more. A candidate that drew random numbers (dropout...) rules the
-        threads out: they would draw them in no fixed order; so does a step under THREADS_FROM_MS, decided before
-        any thread or replica is made: that first step (a first call's, the slowest) when it is already under, else
-        k's step once more from its state, timed."""
+    def _threads_for_the_rest(self, made_ms: list) -> bool:
+        """After the first two candidates of the loop's first call, run one after another on all of torch's threads
+        as K = 1 steps run (`made_ms`: their steps, ms; the second's, warm, is the cost of a candidate one after
+        another that the threads must beat): True where the loop's threads now run the rest of the call
+        (_start_threads), from the next call on at K = 2. No step is run twice: each is a K = 1 step's at the count
+        it ran on (the first call's first two on the full count, the others on their share). A candidate that drew
+        random numbers (dropout...) rules the threads out: they would draw them in no fixed order; so does a step
+        under THREADS_FROM_MS, decided before any thread or replica is made."""
         self._draws = not torch.equal(_rng_state(self.arena.device), self._rng_before)
         if self._draws:
             if self._threads_wanted() > 1:
@@ -624,31 +627,15 @@ class BatchedStep:
             return False
         if not self._threadable():
             return False
-        if made_ms >= THREADS_FROM_MS:  # once more on the full count, timed: a candidate's cost one after another
-            self._put_back(k, saved)
-            t0 = _wall()
-            self._candidate(k, self.model, self.slots, self._rows(), item, False)
-            made_ms = 1e3 * (_wall() - t0)
-        self._one_ms = made_ms
-        if self._one_ms < THREADS_FROM_MS:  # its step, just made on the full count from its state, is kept
+        self._one_ms = min(made_ms)
+        if self._one_ms < THREADS_FROM_MS:
             self._unthreadable = f"a candidate's step measured {self._one_ms:.2f} ms"
             self.notes.append(f"the loop runs the {self.arena.k} candidates one after another, not on threads: "
                               f"{self._unthreadable} on all of torch's threads, under the {THREADS_FROM_MS:g} ms "
                               "from which threads pay for the whole step")  # fmt: skip
             return False
         self._start_threads()
-        if self._threads is None:  # the model could not be replicated: that step is kept too
-            return False
-        self._put_back(k, saved)
-        return True
-
-    def _put_back(self, k: int, saved: dict) -> None:
-        """Candidate k's grads zeroed, its buffers (from `saved`) and the generator as they were before its step."""
-        for seg in self.arena.segments:
-            seg.g[k].zero_()
-        for n, b in saved.items():
-            self._loop_buffers[k][n].copy_(b)
-        _set_rng_state(self.arena.device, self._rng_before)
+        return self._threads is not None  # None: the model could not be replicated (the note says so)
 
     def _keep_threads(self, ms: float) -> None:
         """The loop's threads measured `ms` a candidate in a call that followed one of theirs (after a batched call
