@@ -578,9 +578,8 @@ class BatchedStep:
                     losses[k] = self._candidate(k, self.model, self.slots, rows, item, check, point)
                     if t0 is not None:
                         made_ms.append(1e3 * (_wall() - t0))
-                else:
-                    if first and len(ks) == 2:  # the threads, if any, from the next call on
-                        self._threads_for_the_rest(made_ms)
+                if first and self._draws is None:  # 2 candidates: the threads, if any, from the next call on
+                    self._threads_for_the_rest(made_ms)
         finally:
             if at or first or check or self._copy_grads:  # one candidate, row 0's, left them pointed there
                 for p, data, grads in rows:
@@ -612,8 +611,8 @@ class BatchedStep:
 
     def _threads_for_the_rest(self, made_ms: list) -> bool:
         """After the first two candidates of the loop's first call, run one after another on all of torch's threads
-        as K = 1 steps run (`made_ms`: their steps, ms; the second's, warm, is the cost of a candidate one after
-        another that the threads must beat): True where the loop's threads now run the rest of the call
+        as K = 1 steps run (`made_ms`: their steps, ms; the faster, the second's, warm, is the cost of a candidate one
+        after another that the threads must beat): True where the loop's threads now run the rest of the call
         (_start_threads), from the next call on at K = 2. No step is run twice: each is a K = 1 step's at the count
         it ran on (the first call's first two on the full count, the others on their share). A candidate that drew
         random numbers (dropout...) rules the threads out: they would draw them in no fixed order; so does a step
