@@ -108,7 +108,10 @@ def find(
     dropout masks of those after it).
     `max_memory` (bytes; default half the host's available memory, 80 % of a GPU's free memory) splits K into
     chunks run one after another when the estimated bytes per candidate (weights, grads, optimizer state,
-    activations of one probe step) do not fit; result.info says so. With dropout, seeds' masks then depend on
+    activations of one probe step) do not fit; result.info says so. Without max_memory a CPU run whose candidates
+    run as a loop (forward="loop", or "auto" where it loops at once) makes no probe step: the loop holds one
+    candidate's activations at a time, as a K = 1 run does, so only the candidates' weights, grads, optimizer state
+    and buffers count (result.info["memory"] lists no activations). With dropout, seeds' masks then depend on
     the chunk size too. A chunk of K > 1 that runs out of memory while it sets up or in its first step is run
     again in chunks of half the size, down to 1 (the same curves; result.info["notes"] says so); when even one
     candidate does not fit, lrfast.api.OutOfMemoryError (a torch.OutOfMemoryError and a MemoryError) says what to

@@ -15,6 +15,7 @@ from lrfast import distributed as _distributed
 from lrfast import optimizers, peers, schedule, strategies
 from lrfast.engine import memory
 from lrfast.engine.arena import backend_for
+from lrfast.engine.forward import unbatchable
 from lrfast.engine.loop import NotStatic, StaticInputs
 from lrfast.options import FindOptions
 
@@ -95,10 +96,11 @@ class Plan:
         """The chunk size: how many of this rank's candidates one pass may hold (a probe step measures one; K = 1
         without max_memory skips it), next to the `batch_bytes` of cached batches held on the device; a distributed
         run then agrees on it (api._agree)."""
-        mine = self.end - self.first
-        self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, self.opts.loss_fn,
-                                                    self.device, mine, self.opts.max_memory,
-                                                    batch_bytes, self.ops)  # fmt: skip
+        mine, o = self.end - self.first, self.opts
+        loop = mine > 1 and (o.forward == "loop" or (o.forward == "auto" and bool(unbatchable(self.model, mine,
+                                                                                            self.device))))
+        self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, o.loss_fn, self.device,
+                                                    mine, o.max_memory, batch_bytes, self.ops, loop)  # fmt: skip
 
     def engine(self, index: np.ndarray | None, why_loop: str, splits: list, host: bool = False) -> Engine:
         """The engine of a chunk whose step t trains on splits[index[t]] (index [S], or [S, K] with one batch per

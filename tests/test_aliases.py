@@ -103,8 +103,10 @@ def test_find_restores_aliased_parameters_and_buffers_by_identity(make, run):
 
 
 def _one_candidate_bytes(model) -> int:
-    """A budget for one candidate of a 6-step run, next to its cached batches (which the budget counts)."""
-    res = lrfast.find(model, _batches(model), steps=6, progress=False, strategy="grid", candidates=2)
+    """A budget for one candidate of a 6-step run, next to its cached batches (which the budget counts), as the
+    probe measures it (with max_memory: a budget far above any need, so that the 2 candidates fit)."""
+    res = lrfast.find(model, _batches(model), steps=6, progress=False, strategy="grid", candidates=2,
+                      max_memory=2**40)
     return res.info["memory"]["per_candidate"] + res.info["memory"]["batches"]
 
 

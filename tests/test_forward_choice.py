@@ -128,6 +128,33 @@ def test_the_memory_probe_records_the_kinds_of_layer_the_forward_runs():
         assert ops == want
 
 
+@pytest.mark.parametrize("kw, probed", [(dict(lrs=[1e-3, 1e-2]), False), (dict(lrs=[1e-3, 1e-2, 3e-2], forward="loop"),
+                                        False), (dict(lrs=[1e-3, 1e-2], max_memory=2**40), True),
+                                        (dict(lrs=[1e-3, 1e-2, 3e-2]), True)])  # fmt: skip
+def test_a_cpu_loop_without_max_memory_makes_no_memory_probe_forward(monkeypatch, kw, probed):
+    """2 candidates (auto's cost model: a loop whatever the probe sees) or forward='loop': the loop holds one
+    candidate's activations at a time, so the chunk size needs only the arena's bytes, and the set-up makes no forward
+    of its own; with max_memory, or where auto may batch (3 candidates of an MLP), the probe's forward runs."""
+    from lrfast import optimizers
+    from lrfast.engine import memory
+    from lrfast.engine.arena import Arena
+
+    probes, estimate = [], memory.estimate_bytes
+    monkeypatch.setattr(memory, "estimate_bytes", lambda *a: probes.append(1) or estimate(*a))
+    model = make_mlp(batchnorm=True)
+    res = lrfast.find(model, make_batches(), strategy="grid", steps=4, progress=False, **kw)
+    assert len(probes) == probed
+    assert res.info["forward"].startswith(f"loop (K={len(kw['lrs'])})") or probed
+    arena = Arena(optimizers.resolve("adam", model), 1, torch.device("cpu")).nbytes_per_candidate
+    buffers, got = sum(b.nbytes for b in model.buffers()), res.info["memory"]
+    if probed:
+        assert got["per_candidate"] > got["arena"] + got["buffers"] == arena + buffers and got["activations"] > 0
+    else:
+        assert got == {"arena": arena, "buffers": buffers, "per_candidate": arena + buffers, "budget": got["budget"],
+                       "batches": res.info["cache"]["on_device"]}  # fmt: skip
+    assert res.info["chunk"] == len(kw["lrs"])
+
+
 def test_auto_keeps_the_loop_when_the_loop_measured_faster(monkeypatch):
     _slow_vmap(monkeypatch)
     auto, lp = _find("auto"), _find("loop")

@@ -82,6 +82,34 @@ def test_the_loop_runs_candidates_on_threads_each_its_k1_curve_and_validation_bi
             np.testing.assert_allclose(grid.losses[k], one.losses[0], rtol=1e-6)
 
 
+def test_an_odd_count_of_candidates_runs_in_pairs_side_by_side_then_the_one_left_on_all_threads(monkeypatch):
+    """3 candidates on 2 threads: each step runs 2 of them side by side on 1 thread each, then the third alone on
+    both (as a K = 1 step runs), not 2 on one thread while the other idles; its curve is then a K = 1 run's on 2
+    threads bitwise, and the others' their K = 1 runs' on 1 from their second step (their first was on 2)."""
+    threads_measure_faster(monkeypatch)
+    seen = []
+
+    class Counting(Recording):
+        def forward(self, x):
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return super().forward(x)
+
+    with torch_threads(2):
+        grid = _grid(Counting(), LRS[:3])
+    assert grid.info["forward"].startswith("loop (K=3): forward='loop'; on 2 threads")
+    for step in range(2, 8):  # call 1: 0 and 1 one after another, then 2; from call 2 on the threads
+        pair, last = seen[3 * step : 3 * step + 2], seen[3 * step + 2]
+        assert sorted(n for _, n in pair) == [1, 1] and len({t for t, _ in pair}) == 2, (step, seen)
+        assert last == ("MainThread", 2), (step, seen)
+    for k, lr in enumerate(LRS[:3]):
+        with torch_threads(2 if k == 2 else 1):
+            one = _grid(Recording(), [lr])
+        if k == 2:
+            np.testing.assert_array_equal(grid.losses[k], one.losses[0])
+        else:
+            np.testing.assert_allclose(grid.losses[k], one.losses[0], rtol=1e-6)
+
+
 def test_threaded_loop_on_a_tied_lstm_equals_its_k1_runs_and_restores_the_model_by_identity(monkeypatch):
     threads_measure_faster(monkeypatch)
     model = TiedRNN()
@@ -136,7 +164,8 @@ def test_the_loop_keeps_its_threads_only_where_they_measured_faster(monkeypatch)
     assert grid.info["forward"] == "loop (K=4): forward='loop'"
     assert ("the loop runs the 4 candidates one after another: it measured 8.00 ms a candidate on 2 threads side by "
             "side, 4.00 one after another") in grid.info["notes"]  # fmt: skip
-    first = 1 + len(LRS)  # the set-up's forward; call 1: candidates 0 and 1 one after another, 2 and 3 on the threads
+    first = len(LRS)  # call 1: candidates 0 and 1 one after another, 2 and 3 on the threads (no set-up forward: a
+    # CPU loop without max_memory makes no memory probe)
     assert len(set(model.threads[first : first + len(LRS)])) == 2  # call 2 on both threads
     assert set(model.threads[first + len(LRS) :]) == {"MainThread"}
 
@@ -153,7 +182,7 @@ def test_candidates_whose_steps_measure_under_threads_from_ms_run_one_after_anot
     assert ("the loop runs the 4 candidates one after another, not on threads: a candidate's step measured 1.00 ms on "
             f"all of torch's threads, under the {F.THREADS_FROM_MS:g} ms from which threads pay for the whole "
             "step") in grid.info["notes"]  # fmt: skip
-    assert len(model.threads) == 1 + 8 * len(LRS)  # the set-up's forward, then each candidate once a step
+    assert len(model.threads) == 8 * len(LRS)  # each candidate once a step (a CPU loop makes no memory probe)
     for k, lr in enumerate(LRS):
         with torch_threads(2):
             one = _grid(Recording(), [lr])

@@ -85,11 +85,22 @@ def available_bytes(device: torch.device) -> int:
 
 
 def chunk_size(model, plan, split, loss_fn, device, k, max_memory, batch_bytes: int = 0,
-               ops: set | None = None) -> tuple[int, dict]:  # fmt: skip
+               ops: set | None = None, loop: bool = False) -> tuple[int, dict]:  # fmt: skip
     """How many candidates one pass may hold next to the `batch_bytes` of cached batches the device holds (they come
-    out of the budget). K = 1 without max_memory: no probe (the fast path stays as it was). `ops`: estimate_bytes'."""
+    out of the budget). K = 1 without max_memory: no probe (the fast path stays as it was). `ops`: estimate_bytes'.
+    `loop`: the K candidates will run as a per-candidate loop on a CPU (forward='loop', or auto's cost model says so
+    whatever the probe would see: a recurrent model, 2 candidates). Without max_memory that needs no probe either: the
+    loop holds one candidate's activations at a time (one per thread), as a K = 1 run does, so only the arena's K rows
+    and the buffer clones grow with K, and those are known without a forward (the probe's was 5-25 ms of set-up on
+    the char LSTM and GPT, a K = 2 run's whole margin over 2 K = 1 runs)."""
     if k == 1 and max_memory is None:
         return 1, {}
+    if loop and max_memory is None and device.type == "cpu":
+        parts = {"arena": Arena(plan, 1, device).nbytes_per_candidate,
+                 "buffers": sum(b.nbytes for b in model.buffers())}  # fmt: skip
+        per, budget = sum(parts.values()), available_bytes(device)
+        fit = min(k, max(1, (budget - batch_bytes) // per))
+        return int(fit), {**parts, "per_candidate": per, "budget": budget, "batches": batch_bytes}
     parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn, ops)
     per = sum(parts.values())
     budget = int(max_memory) if max_memory is not None else available_bytes(device)
