@@ -739,28 +739,33 @@ class BatchedStep:
         return min(self.arena.k, torch.get_num_threads()) if self.arena.device.type == "cpu" else 1
 
     def _each(self, ks: list, fn) -> None:
-        """fn(k, model, slots, rows) for each candidate k in ks, shared out among the loop's n threads, each calling
-        its replica in the caller's grad mode: rounds of n side by side, each thread on its share of torch's threads,
-        then the r = len(ks) % n left over side by side on a share of total / r each (one left: on all of them, as a
-        K = 1 step runs). Not n to a round all along: 3 candidates on 2 threads would leave one thread idle while the
-        other ran 2 at its share (the char GPT, one of 4 candidates stopped: 234 ms a step where the 2 side by side
-        and the third on both threads take ~185, one after another ~200)."""
+        """fn(k, model, slots, rows) for each candidate k in ks, shared out among the loop's n threads (one after
+        another within a share, fewer threads on a larger share for fewer than n candidates), each calling its
+        replica in the caller's grad mode; or, where that measured dearer (_serial), all one after another on the
+        calling thread on all of torch's threads."""
         grad, n = torch.is_grad_enabled(), len(self._replicas)
-        full = len(ks) - len(ks) % n
+        m = 1 if self._serial(len(ks)) else min(len(ks), n)
 
-        def shares(part: list, m: int):
-            def share(w: int) -> None:
-                model, slots, rows = self._replicas[w]
-                with torch.set_grad_enabled(grad):
-                    for k in part[w::m]:
-                        fn(k, model, slots, rows)
+        def share(w: int) -> None:
+            model, slots, rows = self._replicas[w]
+            with torch.set_grad_enabled(grad):
+                for k in ks[w::m]:
+                    fn(k, model, slots, rows)
 
-            return share
+        self._threads.run(share, m)
 
-        if full:
-            self._threads.run(shares(ks[:full], n), n)
-        if full < len(ks):
-            self._threads.run(shares(ks[full:], len(ks) - full), len(ks) - full)
+    def _serial(self, live: int) -> bool:
+        """Whether `live` candidates (a count the threads do not divide: some stopped) cost less one after another
+        on all of torch's threads than in rounds on the threads, at the costs measured (_keep_threads): a round is
+        one candidate's step at the share, n x the threads' cost a candidate, and the last round leaves threads
+        idle. The char GPT's early-stop grid of 4 on 2 threads, one stopped at step 3: 3 x 65 ms one after another
+        against 2 rounds of ~117 (234 ms a step measured). Not a round's pairs on the threads and the candidate left
+        over on all of them: the count switched twice a step, which on oneDNN's LSTM and convolutions cost more than
+        it saved (the char LSTM and the BatchNorm CNN at K = 4: 0.78-0.84x their K = 1 runs, against ~1.0-1.1x)."""
+        n, one, on_threads = len(self._replicas), self._one_ms, self._thread_ms
+        if not live % n or one is None or on_threads is None:
+            return False
+        return live * one < -(-live // n) * n * on_threads
 
     def _all_threads(self):
         """The calling thread on all of torch's threads for a batched call, where the loop's threads hold it to a
