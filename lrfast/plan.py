@@ -94,13 +94,13 @@ class Plan:
 
     def fit(self, first_batch, batch_bytes: int = 0) -> None:
         """The chunk size: how many of this rank's candidates one pass may hold (a probe step measures one; K = 1
-        without max_memory skips it), next to the `batch_bytes` of cached batches held on the device; a distributed
-        run then agrees on it (api._agree)."""
+        without max_memory skips it, and so does a CPU loop: memory.chunk_size), next to the `batch_bytes` of cached
+        batches held on the device; a distributed run then agrees on it (api._agree)."""
         mine, o = self.end - self.first, self.opts
-        loop = mine > 1 and (o.forward == "loop" or (o.forward == "auto" and bool(unbatchable(self.model, mine,
-                                                                                            self.device))))
+        looped = o.forward == "loop" or (o.forward == "auto" and bool(unbatchable(self.model, mine, self.device)))
         self.chunk, self.memory = memory.chunk_size(self.model, self.optimizer, first_batch, o.loss_fn, self.device,
-                                                    mine, o.max_memory, batch_bytes, self.ops, loop)  # fmt: skip
+                                                    mine, o.max_memory, batch_bytes, self.ops,
+                                                    loop=mine > 1 and looped)  # fmt: skip
 
     def engine(self, index: np.ndarray | None, why_loop: str, splits: list, host: bool = False) -> Engine:
         """The engine of a chunk whose step t trains on splits[index[t]] (index [S], or [S, K] with one batch per

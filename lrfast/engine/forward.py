@@ -761,7 +761,7 @@ class BatchedStep:
         idle. The char GPT's early-stop grid of 4 on 2 threads, one stopped at step 3: 3 x 65 ms one after another
         against 2 rounds of ~117 (234 ms a step measured). Not a round's pairs on the threads and the candidate left
         over on all of them: the count switched twice a step, which on oneDNN's LSTM and convolutions cost more than
-        it saved (the char LSTM and the BatchNorm CNN at K = 4: 0.78-0.84x their K = 1 runs, against ~1.0-1.1x)."""
+        it saved (the char LSTM and the BatchNorm CNN at K = 4: 0.78-0.84x their K = 1 runs, against 1.02-1.27x)."""
         n, one, on_threads = len(self._replicas), self._one_ms, self._thread_ms
         if not live % n or one is None or on_threads is None:
             return False
