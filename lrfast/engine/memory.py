@@ -95,13 +95,11 @@ def chunk_size(model, plan, split, loss_fn, device, k, max_memory, batch_bytes: 
     the char LSTM and GPT, a K = 2 run's whole margin over 2 K = 1 runs)."""
     if k == 1 and max_memory is None:
         return 1, {}
+    arena = Arena(plan, 1, device)
     if loop and max_memory is None and device.type == "cpu":
-        parts = {"arena": Arena(plan, 1, device).nbytes_per_candidate,
-                 "buffers": sum(b.nbytes for b in model.buffers())}  # fmt: skip
-        per, budget = sum(parts.values()), available_bytes(device)
-        fit = min(k, max(1, (budget - batch_bytes) // per))
-        return int(fit), {**parts, "per_candidate": per, "budget": budget, "batches": batch_bytes}
-    parts = estimate_bytes(model, Arena(plan, 1, device), split, loss_fn, ops)
+        parts = {"arena": arena.nbytes_per_candidate, "buffers": sum(b.nbytes for b in model.buffers())}
+    else:
+        parts = estimate_bytes(model, arena, split, loss_fn, ops)
     per = sum(parts.values())
     budget = int(max_memory) if max_memory is not None else available_bytes(device)
     fit = min(k, (budget - batch_bytes) // per)
