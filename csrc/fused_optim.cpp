@@ -1,8 +1,9 @@
 // lrfast._C: fused CPU optimizer steps over K candidates at once.
 //
-// Every buffer is a contiguous fp32 [K, N] array (row k = candidate k's flat parameters) passed as a raw address
-// (an int from Tensor.data_ptr(): ~0.1 us per tensor, where Tensor.numpy() + pybind11::array_t costs ~1 us), and lr is
-// a float64 [K] array. lrfast/kernels/cpu.py checks dtype, device, contiguity and shapes before calling; nothing here
+// Every buffer is an fp32 [K, N] array whose rows are contiguous (row k = candidate k's flat parameters, at row
+// stride `ld` for p, m, v, buf and `ldg` for g: one parameter's columns of a wider arena, and a grad autograd made)
+// passed as a raw address (an int from Tensor.data_ptr(): ~0.1 us per tensor, where Tensor.numpy() +
+// pybind11::array_t costs ~1 us), and lr is a float64 [K] array. lrfast/kernels/cpu.py checks dtype, device, contiguity and shapes before calling; nothing here
 // can check them again. A row whose lr is exactly 0 is frozen: it is neither read nor written.
 //
 // The per-element maths copies torch.optim's single-tensor (foreach=False) path op by op, in fp32, with the scalars
@@ -169,6 +170,8 @@ struct AdamCall {
   float* m;
   float* v;
   int64_t n;
+  int64_t ld;   // row stride of p, m, v (elements)
+  int64_t ldg;  // row stride of g
   AdamScalars s;
   const float* decay;     // [K] (float)(1 - lr*wd)
   const float* neg_step;  // [K] (float)(-(lr / bc1))
@@ -179,6 +182,8 @@ struct SgdCall {
   const float* g;
   float* buf;
   int64_t n;
+  int64_t ld;   // row stride of p, buf (elements)
+  int64_t ldg;  // row stride of g
   SgdScalars s;
   const float* neg_lr;  // [K] (float)(-lr)
 };
@@ -190,14 +195,14 @@ using SgdSpanFn = void (*)(const SgdCall&, int64_t, int64_t, int64_t);
   namespace NS {                                                                                                 \
   template <Wd kWd, bool kLerpSmall>                                                                             \
   TARGET void adam_span(const AdamCall& c, int64_t row, int64_t b, int64_t e) {                                  \
-    const int64_t o = row * c.n + b;                                                                             \
-    adam_body<FMA, kWd, kLerpSmall>(c.p + o, c.g + o, c.m + o, c.v + o, e - b, c.s, c.decay[row],                \
+    const int64_t o = row * c.ld + b, og = row * c.ldg + b;                                                      \
+    adam_body<FMA, kWd, kLerpSmall>(c.p + o, c.g + og, c.m + o, c.v + o, e - b, c.s, c.decay[row],               \
                                     c.neg_step[row]);                                                            \
   }                                                                                                              \
   template <bool kWdOn, int kMom, bool kNesterov>                                                                \
   TARGET void sgd_span(const SgdCall& c, int64_t row, int64_t b, int64_t e) {                                    \
-    const int64_t o = row * c.n + b;                                                                             \
-    sgd_body<FMA, kWdOn, kMom, kNesterov>(c.p + o, c.g + o, c.buf ? c.buf + o : nullptr, e - b, c.s,             \
+    const int64_t o = row * c.ld + b, og = row * c.ldg + b;                                                      \
+    sgd_body<FMA, kWdOn, kMom, kNesterov>(c.p + o, c.g + og, c.buf ? c.buf + o : nullptr, e - b, c.s,            \
                                           c.neg_lr[row]);                                                        \
   }                                                                                                              \
   }
@@ -338,8 +343,9 @@ T* ptr(std::uintptr_t addr) {
   return reinterpret_cast<T*>(addr);
 }
 
-void check_sizes(int64_t k, int64_t n, int64_t step) {
+void check_sizes(int64_t k, int64_t n, int64_t ld, int64_t ldg, int64_t step) {
   if (k < 0 || n < 0) throw py::value_error("k and n must be >= 0");
+  if (ld < n || ldg < n) throw py::value_error("ld and ldg (row strides) must be >= n");
   if (step < 1) throw py::value_error("step must be >= 1 (the 1-based number of this step), got " + std::to_string(step));
 }
 
@@ -347,9 +353,9 @@ void check_sizes(int64_t k, int64_t n, int64_t step) {
 // Entry points.
 
 void adam_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, std::uintptr_t lr, int64_t k,
-               int64_t n, int64_t step, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               int64_t threads) {
-  check_sizes(k, n, step);
+               int64_t n, int64_t ld, int64_t ldg, int64_t step, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled, int64_t threads) {
+  check_sizes(k, n, ld, ldg, step);
   const double* lrs = ptr<const double>(lr);
   const Wd wd_mode = weight_decay == 0.0 ? Wd::None : (decoupled ? Wd::Decoupled : Wd::L2);
   const Isa isa = g_isa;
@@ -376,7 +382,7 @@ void adam_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t m, std::uintpt
     decay[r] = static_cast<float>(1.0 - lrs[r] * weight_decay);
     neg_step[r] = static_cast<float>(-(lrs[r] / bc1));
   }
-  const AdamCall call{ptr<float>(p), ptr<const float>(g), ptr<float>(m), ptr<float>(v), n, sc,
+  const AdamCall call{ptr<float>(p), ptr<const float>(g), ptr<float>(m), ptr<float>(v), n, ld, ldg, sc,
                       decay.data(),   neg_step.data()};
   AdamSpanFn fn = wd_mode == Wd::None ? pick_adam<Wd::None>(isa, sc.lerp_small)
                   : wd_mode == Wd::L2 ? pick_adam<Wd::L2>(isa, sc.lerp_small)
@@ -385,8 +391,9 @@ void adam_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t m, std::uintpt
 }
 
 void sgd_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t buf, std::uintptr_t lr, int64_t k, int64_t n,
-              int64_t step, double momentum, double dampening, bool nesterov, double weight_decay, int64_t threads) {
-  check_sizes(k, n, step);
+              int64_t ld, int64_t ldg, int64_t step, double momentum, double dampening, bool nesterov,
+              double weight_decay, int64_t threads) {
+  check_sizes(k, n, ld, ldg, step);
   if (momentum != 0.0 && buf == 0 && k * n != 0) throw py::value_error("momentum != 0 needs a momentum buffer");
   const double* lrs = ptr<const double>(lr);
   const Isa isa = g_isa;
@@ -401,7 +408,8 @@ void sgd_step(std::uintptr_t p, std::uintptr_t g, std::uintptr_t buf, std::uintp
   const std::vector<int64_t> rows = active_rows(lrs, k);
   std::vector<float> neg_lr(static_cast<size_t>(k), 0.0f);
   for (int64_t r : rows) neg_lr[r] = static_cast<float>(-lrs[r]);
-  const SgdCall call{ptr<float>(p), ptr<const float>(g), mom ? ptr<float>(buf) : nullptr, n, sc, neg_lr.data()};
+  const SgdCall call{ptr<float>(p), ptr<const float>(g), mom ? ptr<float>(buf) : nullptr, n, ld, ldg, sc,
+                     neg_lr.data()};
   SgdSpanFn fn = weight_decay != 0.0 ? pick_sgd2<true>(isa, mom, nesterov) : pick_sgd2<false>(isa, mom, nesterov);
   run_rows(call, fn, rows, threads);
 }
@@ -417,15 +425,15 @@ PYBIND11_MODULE(_C, mod) {
   }
 
   mod.def("adam_step", &adam_step, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"),
-          py::arg("k"), py::arg("n"), py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-          py::arg("weight_decay"), py::arg("decoupled"), py::arg("threads"),
-          "One Adam/AdamW step on fp32 [k, n] buffers at the given addresses; lr: float64 [k]; at most `threads` "
-          "threads. Rows with lr == 0 are left untouched. No checks: call through lrfast.kernels.cpu.adam_step.");
+          py::arg("k"), py::arg("n"), py::arg("ld"), py::arg("ldg"), py::arg("step"), py::arg("beta1"),
+          py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("threads"),
+          "One Adam/AdamW step on fp32 [k, n] buffers at the given addresses, rows ld apart (g's ldg); lr: float64 "
+          "[k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through lrfast.kernels.cpu.adam_step.");
   mod.def("sgd_step", &sgd_step, py::arg("p"), py::arg("g"), py::arg("buf"), py::arg("lr"), py::arg("k"),
-          py::arg("n"), py::arg("step"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+          py::arg("n"), py::arg("ld"), py::arg("ldg"), py::arg("step"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
           py::arg("weight_decay"), py::arg("threads"),
-          "One SGD step on fp32 [k, n] buffers at the given addresses (buf = 0 when momentum == 0); lr: float64 "
-          "[k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through "
+          "One SGD step on fp32 [k, n] buffers at the given addresses, rows ld apart (g's ldg; buf = 0 when "
+          "momentum == 0); lr: float64 [k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through "
           "lrfast.kernels.cpu.sgd_step.");
   mod.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction set the kernels run with now.");
   mod.def(

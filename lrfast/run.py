@@ -215,10 +215,14 @@ class Chunk:
         if c == 1:
             inner = ModuleStep(plan.model, self.arena, o.loss_fn, o.precision, self.scaler, compile=compiled)
         else:
-            alive = self.step.tracker.alive
+            alive, upd = self.step.tracker.alive, self.step.update
+            # the batched call hands the large parameters' grads to the update where nothing else reads the arena's
+            # grads: one step each (no micro-batches summed there), no fp16 check of them, no all-reduce of them
+            hand = isinstance(upd, update.HostFused) and o.accumulate == 1 and self.scaler is None and self.sync is None
             inner = BatchedStep(plan.model, self.arena, o.loss_fn, randomness="same" if self.shared else "different",
                                 why_loop=self.why_loop, precision=o.precision, scaler=self.scaler,
-                                compile=compiled, auto=auto, alive=alive if alive.device.type == "cpu" else None)
+                                compile=compiled, auto=auto, alive=alive if alive.device.type == "cpu" else None,
+                                direct=upd.direct if hand else None)  # fmt: skip
         self.built.append(inner)
         return Accumulate(inner, self.arena) if o.accumulate > 1 else inner
 

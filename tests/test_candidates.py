@@ -260,3 +260,33 @@ def test_batched_linear_runs_as_w_xT_with_contiguous_weight_grads_equal_to_each_
     with _batchable(torch.device("cpu")):
         out3 = vmap(torch.nn.functional.linear, in_dims=(None, 0, 0))(x3, w, b)
     assert torch.equal(out3, vmap(torch.nn.functional.linear, in_dims=(None, 0, 0))(x3, w, b))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_batched_steps_hand_autograds_grads_to_the_update_with_the_curves_of_copying_them(monkeypatch, optimizer):
+    """The batched call hands the large parameters' grads to the fused update as autograd made them (no copy into
+    the arena; update.DIRECT_FROM): the same kernel per element on the same values, so the curves are bitwise those
+    of the copying path, also once the highest LRs stop and the call runs only the rows up to the last live one."""
+    from lrfast.engine import update
+
+    model, batches = digits_mlp_batches()
+    lrs = np.geomspace(1e-3, 30.0, 6)
+    handed_rows = []
+    real = update.HostFused._handed
+
+    def spy(self, lr, step, grads):
+        handed_rows.append({g.shape[0] for g in grads if g is not None})
+        return real(self, lr, step, grads)
+
+    monkeypatch.setattr(update.HostFused, "_handed", spy)
+    runs = {}
+    for direct_from in (1, 2**62):  # every parameter handed; none
+        monkeypatch.setattr(update, "DIRECT_FROM", direct_from)
+        runs[direct_from] = lrfast.find(model, batches, optimizer=optimizer, strategy="grid", lrs=lrs, steps=30,
+                                        forward="vmap", progress=False)  # fmt: skip
+    handed, copied = runs[1], runs[2**62]
+    assert len(handed_rows) == handed.steps_run  # every step handed from the first (none in the copying run)
+    assert {6} in handed_rows and any(max(rows) < 6 for rows in handed_rows)  # the stopped rows left out
+    assert np.isnan(handed.losses[-1]).any() and np.isfinite(handed.losses[0]).all()
+    np.testing.assert_array_equal(handed.losses, copied.losses)
+    np.testing.assert_array_equal(handed.smoothed, copied.smoothed)

@@ -167,6 +167,41 @@ def test_kernels_match_torch_optim_per_candidate(backend, opt, k, n):
             assert_close_in_ulps(actual[key], expected[key], ULPS[name.split("-", 1)[1]], *grads)
 
 
+def _not_called(*args, **kwargs):
+    raise AssertionError("the C++ kernels sent these arguments to the reference")
+
+
+def _columns(t: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """t's values as columns [left, left + N) of a wider [K, left + N + right] buffer (rows at its stride)."""
+    k, n = t.shape
+    wide = torch.full((k, left + n + right), 7.0)
+    wide[:, left : left + n] = t
+    return wide[:, left : left + n]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("k, n", [(1, 7), (3, 1), (3, 1000), (16, 4097)])
+def test_column_slices_of_wider_rows_update_as_contiguous_rows_do(backend, opt, k, n, monkeypatch):
+    """One parameter's columns of the arena (p and the state at the arena's row stride) with its grad at another
+    (autograd's, HostFused's lent grads): bitwise the contiguous call's result, the columns around left as they
+    were; the C++ kernels take them as they are (no fall back to the reference)."""
+    name, sgd_step, adam_step = backend
+    if name != "reference":
+        for fn in ("sgd_step", "adam_step"):
+            monkeypatch.setattr(reference, fn, _not_called)
+    hp, p0, grads, lrs, _ = _case(opt, k, n)
+    p, state = p0.clone(), _state(p0, hp)
+    wide_p = _columns(p0, 5, 3)
+    wide_state = {key: _columns(t, 5, 3) for key, t in state.items()}
+    for s in range(STEPS):
+        _step(sgd_step, adam_step, p, grads[s], state, lrs[s], s + 1, hp)
+        _step(sgd_step, adam_step, wide_p, _columns(grads[s], 2, 0), wide_state, lrs[s], s + 1, hp)
+    for key, got in {"p": wide_p, **wide_state}.items():
+        assert torch.equal(got, {"p": p, **state}[key]), key
+        around = torch.cat([got._base[:, :5], got._base[:, 5 + n :]], dim=1)
+        assert torch.equal(around, torch.full((k, 8), 7.0)), f"{key}: columns around the slice written"
+
+
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_frozen_candidates_are_left_bitwise_unchanged(backend, opt):
     _, sgd_step, adam_step = backend
@@ -269,7 +304,7 @@ def _adam_args(k=3, n=10):
     [
         ({"g": torch.zeros(3, 10, dtype=torch.float64)}, TypeError, r"^g must have p's dtype"),
         ({"m": torch.zeros(3, 11)}, ValueError, r"^m must have p's shape"),
-        ({"v": torch.zeros(10, 3).t()}, ValueError, r"^v must be contiguous"),
+        ({"v": torch.zeros(10, 3).t()}, ValueError, r"^v must have contiguous rows"),
         ({"p": torch.zeros(3, 10, dtype=torch.int32)}, TypeError, r"^p must be a floating tensor"),
         ({"p": torch.zeros(30)}, ValueError, r"^p must be 2-D"),
         ({"g": None}, TypeError, r"^g must be a torch.Tensor"),
@@ -321,7 +356,7 @@ def test_backend_says_why_it_is_not_cpp():
 
 @pytest.mark.parametrize("opt", ["sgd_nesterov", "adamw"])
 @pytest.mark.parametrize("k, n", [(1, 1_200_007), (3, 600_001), (16, 160_009)])
-def test_threaded_split_equals_one_thread(opt, k, n):
+def test_threaded_split_equals_one_thread(opt, k, n, monkeypatch):
     """The C++ kernels split the live rows' elements over threads (cut mid-row, frozen rows left out): with 2
     threads every element must be updated exactly once, i.e. bitwise as with 1 thread. The sizes give each of 2
     threads more than the 2^19 elements a thread needs (8 live rows x 160,009 = 1,280,072)."""
@@ -348,6 +383,19 @@ def test_threaded_split_equals_one_thread(opt, k, n):
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
     assert not torch.equal(results[0]["p"][0], p0[0])
+    if k > 1:  # the same split over a parameter's columns of wider rows (row strides other than N)
+        for fn in ("sgd_step", "adam_step"):
+            monkeypatch.setattr(reference, fn, _not_called)
+        torch.set_num_threads(2)
+        try:
+            p, state = _columns(p0, 16, 0), {key: _columns(t, 16, 0) for key, t in state0.items()}
+            for s in (1, 2):
+                _step(cpu.sgd_step, cpu.adam_step, p, _columns(g, 3, 0), state, lr, s, hp)
+                assert cpu._C.last_threads() == 2
+        finally:
+            torch.set_num_threads(1)
+        for key, got in {"p": p, **state}.items():
+            assert torch.equal(got, results[0][key]), key
 
 
 @pytest.mark.parametrize("torch_threads", [1, 2, 3])

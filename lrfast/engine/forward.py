@@ -47,6 +47,8 @@ from lrfast.state import Slots, capture_rng, forked_rng, restore_rng
 
 
 class ModuleStep:
+    grads = None  # its grads are the arena's (update.HostFused reads them there)
+
     def __init__(self, model: nn.Module, arena: Arena, loss_fn, precision: str = "fp32", scaler=None,
                  compile: bool = False):  # fmt: skip
         self.model, self.arena, self.user_loss_fn = model, arena, loss_fn
@@ -112,6 +114,8 @@ class Accumulate:
     step on their concatenation for a mean-reduced loss and micro-batches of one size. Wraps ModuleStep or
     BatchedStep (each call of which leaves one micro-batch's grads in the arena)."""
 
+    grads = None
+
     def __init__(self, step, arena: Arena):
         self.step, self.arena = step, arena
         self.sums = [torch.empty_like(seg.g) for seg in arena.segments]
@@ -134,14 +138,18 @@ class Accumulate:
 class BatchedStep:
     def __init__(self, model: nn.Module, arena: Arena, loss_fn, randomness: str = "same", why_loop: str = "",
                  precision: str = "fp32", scaler=None, compile: bool = False, auto: bool = False,
-                 alive: torch.Tensor | None = None):  # fmt: skip
+                 alive: torch.Tensor | None = None, direct: list[bool] | None = None):  # fmt: skip
         """`alive`: the tracker's alive mask [K] on the host (a CPU arena; None: every candidate runs every step).
         With it the loop runs only the candidates still running (randomness "same": a stopped one draws nothing the
         others depend on), as K separate runs each end at their stop, and a batched call auto chose hands over to
-        the loop once the loop over the survivors is faster than the batched call, at the measured speeds."""
+        the loop once the loop over the survivors is faster than the batched call, at the measured speeds.
+        `direct`: per parameter, whether the batched call hands its grads to the update as autograd made them
+        (`grads`, read by update.HostFused) instead of copying them into the arena (None: it copies them all)."""
         self.model, self.arena, self.user_loss_fn, self.randomness = model, arena, loss_fn, randomness
         self.alive = alive
         self._alive = None if alive is None else alive.numpy()  # a view: the tracker updates alive in place
+        self.direct = direct
+        self.grads: list | None = None  # the last call's handed grads (per parameter, None: in the arena; `direct`)
         self.precision, self.scaler = precision, scaler
         self.loss_f, self.loss_desc = None, ""
         names = {id(p): n for n, p in model.named_parameters()}
@@ -188,6 +196,7 @@ class BatchedStep:
         """Zero grads, forward + backward of every candidate, grads into the arena; `item` is one Split shared by
         all candidates or a list of K Splits (one per candidate). Returns the detached losses [K]."""
         self.calls += 1
+        self.grads = None
         if self.measure:
             return self._measured(item)
         if self.mode == "vmap" and self.choice and self._live() is not None:
@@ -499,11 +508,15 @@ class BatchedStep:
         grads = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
                  else [None] * len(leaves))  # fmt: skip
         used = []
-        for g, grad in zip(dst, grads):
+        handed = [None] * len(dst) if self.direct is not None and rows is None else None  # not a probe's rows
+        for i, (g, grad) in enumerate(zip(dst, grads)):
             if grad is None:  # a parameter the loss does not use: zero, as for the loop's zeroed grads
                 g.zero_()
+            elif handed is not None and self.direct[i] and grad.is_contiguous():
+                handed[i] = grad  # read by the update where autograd left it; the arena's columns left as they are
             else:
                 used.append((g, grad))
+        self.grads = handed
         if used:
             torch._foreach_copy_(*map(list, zip(*used)))
         loss = loss.detach()

@@ -68,7 +68,7 @@ class Step:
             ok = self.scaler.unscale_(self.arena.segments)
             self.scaler.update(ok)
             mask = mask & ok
-        self.update(self.lr_table, number, mask)
+        self.update(self.lr_table, number, mask, self.forward.grads)
 
     def after(self, t: int) -> None:
         """Between step t and the next: score the validation batches (every `val_every`-th step and the last;

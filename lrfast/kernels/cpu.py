@@ -1,12 +1,14 @@
 """Fused CPU optimizer steps over K candidates: lrfast._C (csrc/fused_optim.cpp) when it is built, else the
 plain-torch spec in lrfast/kernels/reference.py, with the same contract (see that module's docstring):
 
-    p, g, m, v, buf: [K, N] tensors, row k = candidate k; lr: float64 CPU [K]; lr[k] == 0 freezes candidate k
-    (its p, buf, m, v are left bitwise unchanged); step: 1-based; g is never written.
+    p, g, m, v, buf: [K, N] tensors with contiguous rows, row k = candidate k; lr: float64 CPU [K]; lr[k] == 0
+    freezes candidate k (its p, buf, m, v are left bitwise unchanged); step: 1-based; g is never written.
 
-fp32, CPU, contiguous tensors go to the C++ kernels; anything else valid (fp64, CUDA) runs the reference;
-anything invalid raises TypeError / ValueError naming the argument (reference.check_args). The C++ result equals
-torch.optim(foreach=False) within fp32 rounding (tests/test_kernels_cpu.py states the measured error).
+fp32 CPU tensors go to the C++ kernels, p, m, v and buf at one row stride and g at any (one parameter's columns of
+the arena's [K, N] buffers with the grads autograd made for it: update.HostFused's handed grads); anything else
+valid (fp64, CUDA) runs the reference; anything invalid raises TypeError / ValueError naming the argument
+(reference.check_args). The C++ result equals torch.optim(foreach=False) within fp32 rounding
+(tests/test_kernels_cpu.py states the measured error).
 """
 
 from __future__ import annotations
@@ -45,15 +47,32 @@ _F64 = torch.float64
 # Threads: torch.get_num_threads() is passed per call (~0.05 us), so torch.set_num_threads governs lrfast's kernels.
 
 
-def _c_ready(lr, step, shape, *tensors) -> bool:
-    """True when the C++ kernel can take these arguments as they are: fp32 CPU contiguous [K, N] tensors of one
-    shape, lr float64 CPU contiguous [K], step a Python int."""
+def _c_ready(lr, step, g, p, *state) -> tuple[int, int] | None:
+    """(ld, ldg) when the C++ kernel can take these arguments as they are: fp32 CPU [K, N] tensors of one shape with
+    contiguous rows, p and the state at one row stride (ld) and g at its own (ldg), lr float64 CPU contiguous [K],
+    step a Python int; else None."""
+    shape = p.shape
     if _C is None or type(step) is not int or len(shape) != 2:
-        return False
-    for t in tensors:
-        if not (t.dtype is _F32 and t.is_cpu and t.shape == shape and t.is_contiguous()):
-            return False
-    return lr.dtype is _F64 and lr.is_cpu and lr.dim() == 1 and lr.numel() == shape[0] and lr.is_contiguous()
+        return None
+    ld = _ld(p, shape)
+    ldg = _ld(g, shape)
+    if ld is None or ldg is None or any(_ld(t, shape) != ld for t in state):
+        return None
+    if lr.dtype is _F64 and lr.is_cpu and lr.dim() == 1 and lr.numel() == shape[0] and lr.is_contiguous():
+        return ld, ldg
+    return None
+
+
+def _ld(t, shape) -> int | None:
+    """The row stride of an fp32 CPU tensor of this [K, N] shape whose rows are contiguous and do not overlap (N for
+    one row); else None."""
+    if not (t.dtype is _F32 and t.is_cpu and t.shape == shape):
+        return None
+    k, n = shape
+    row, col = t.stride()
+    if (col != 1 and n > 1) or (row < n and k > 1):
+        return None
+    return row if k > 1 else n
 
 
 def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
@@ -61,10 +80,11 @@ def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
     try:
         with_buf = hp.momentum != 0
         state = (buf,) if with_buf and buf is not None else ()
-        if type(hp) is SGDParams and (state or not with_buf) and _c_ready(lr, step, p.shape, p, g, *state):
+        strides = _c_ready(lr, step, g, p, *state) if type(hp) is SGDParams and (state or not with_buf) else None
+        if strides is not None:
             _C.sgd_step(
                 p.data_ptr(), g.data_ptr(), buf.data_ptr() if with_buf else 0, lr.data_ptr(), p.shape[0], p.shape[1],
-                step, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay, torch.get_num_threads(),
+                *strides, step, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay, torch.get_num_threads(),
             )  # fmt: skip
             return
     except AttributeError:
@@ -76,10 +96,11 @@ def adam_step(p, g, m, v, lr, step, hp: AdamParams) -> None:
     """One Adam / AdamW (hp.decoupled) step for every candidate with lr[k] != 0; equals torch.optim.Adam / AdamW
     (foreach=False) per row."""
     try:
-        if type(hp) is AdamParams and _c_ready(lr, step, p.shape, p, g, m, v):
+        strides = _c_ready(lr, step, g, p, m, v) if type(hp) is AdamParams else None
+        if strides is not None:
             _C.adam_step(
-                p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p.shape[1], step,
-                hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled, torch.get_num_threads(),
+                p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p.shape[1],
+                *strides, step, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled, torch.get_num_threads(),
             )  # fmt: skip
             return
     except AttributeError:

@@ -6,7 +6,8 @@ learning rate as a Python float, so a row equals torch.optim on that row alone b
 (lrfast/kernels/cpu.py, csrc/fused_optim.cpp) must equal this within fp32 rounding.
 
 Contract shared by every backend:
-- p, g, buf, m, v: 2-D contiguous floating tensors [K, N] of one shape, dtype and device, not overlapping;
+- p, g, buf, m, v: 2-D floating tensors [K, N] of one shape, dtype and device whose rows are contiguous (any row
+  stride: one parameter's columns of a wider [K, N] buffer), not overlapping;
   p, buf, m, v are updated in place; g is read only (left unchanged).
 - lr: float64 CPU tensor [K]; lr[k] is candidate k's learning rate for this step. lr[k] == 0 exactly FREEZES
   candidate k: its p, buf, m, v are left bitwise unchanged (the row is skipped; note torch.optim at lr 0 would
@@ -82,7 +83,7 @@ def check_args(p, g, state: dict, lr, step, hp, hp_type) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != p.dtype:
             raise TypeError(f"{name} must have p's dtype {p.dtype}, got {t.dtype}")
-    check_like(p, [("p", p), ("g", g), *state.items()])
+    check_like(p, [("p", p), ("g", g), *state.items()], rows=True)
     if not isinstance(lr, torch.Tensor):
         raise TypeError(f"lr must be a float64 CPU tensor [K], got {type(lr).__name__}")
     if lr.dtype != torch.float64:
@@ -99,15 +100,25 @@ def check_args(p, g, state: dict, lr, step, hp, hp_type) -> None:
         raise ValueError(f"step must be >= 1 (the 1-based number of this step), got {step}")
 
 
-def check_like(p: torch.Tensor, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Each (name, tensor) has p's shape and device and is contiguous, or a ValueError names it."""
+def check_like(p: torch.Tensor, named: list[tuple[str, torch.Tensor]], rows: bool = False) -> None:
+    """Each (name, tensor) has p's shape and device and is contiguous (`rows`: its rows are, not overlapping), or a
+    ValueError names it."""
     for name, t in named:
         if t.shape != p.shape:
             raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
         if t.device != p.device:
             raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
-        if not t.is_contiguous():
+        if rows and not _rows_contiguous(t):
+            raise ValueError(f"{name} must have contiguous rows that do not overlap (stride 1 along N, a row stride "
+                             f"of at least N; got strides {t.stride()}); pass {name}.contiguous() (and copy results "
+                             "back)")  # fmt: skip
+        if not rows and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    k, n = t.shape
+    return (t.stride(1) == 1 or n <= 1) and (t.stride(0) >= n or k <= 1)
 
 
 def _sgd_state(buf, hp: SGDParams) -> dict:
