@@ -2,7 +2,10 @@
 not depend on K, diverging candidates freeze, seeds are deterministic with a median / band / interval, the loop
 fallback, generic optimizers, max_memory chunking, user-state safety, errors, JSON and plots."""
 
+import contextlib
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -290,3 +293,69 @@ def test_batched_steps_hand_autograds_grads_to_the_update_with_the_curves_of_cop
     assert np.isnan(handed.losses[-1]).any() and np.isfinite(handed.losses[0]).all()
     np.testing.assert_array_equal(handed.losses, copied.losses)
     np.testing.assert_array_equal(handed.smoothed, copied.smoothed)
+
+
+LOSS_CASES = [  # (loss, its keywords, whether forward._Rules serves it)
+    (nn.functional.cross_entropy, {}, True),
+    (nn.functional.cross_entropy, {"reduction": "sum"}, True),
+    (nn.functional.cross_entropy, {"reduction": "none", "ignore_index": 3}, True),
+    (nn.functional.cross_entropy, {"ignore_index": -100}, True),
+    (nn.functional.nll_loss, {}, True),
+    (nn.functional.nll_loss, {"reduction": "sum", "ignore_index": 3}, True),
+    (nn.functional.cross_entropy, {"label_smoothing": 0.1}, False),
+    (nn.functional.cross_entropy, {"weight": torch.linspace(0.5, 2.0, 7)}, False),
+]
+
+
+@pytest.mark.parametrize("loss, kw, ruled", LOSS_CASES)
+@pytest.mark.parametrize("one_sample", [False, True])
+def test_batched_class_losses_equal_vmaps_own_rule_bitwise(monkeypatch, loss, kw, ruled, one_sample):
+    """Inside the batched call (CPU) class-index cross-entropy and NLL run as forward._Rules computes them (no
+    torch._check, whose first call imports sympy): losses and grads bitwise those of vmap's own rule; the other
+    kinds (label smoothing, class weights) are left to vmap's rule."""
+    from torch.func import vmap
+
+    from lrfast.engine import forward as F
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 7, 5, generator=gen)
+    x = torch.randn(5, generator=gen) if one_sample else torch.randn(9, 5, generator=gen)
+    y = torch.tensor(3) if one_sample else torch.randint(0, 7, (9,), generator=gen)
+    if not one_sample:
+        y[::4] = kw.get("ignore_index", -100)  # some targets ignored
+    served, rule = [], F._class_nll
+    monkeypatch.setattr(F, "_class_nll", lambda *a: served.append(rule(*a)) or served[-1])
+
+    def f(w_k):
+        logits = w_k @ x if one_sample else x @ w_k.T
+        return loss(logits.log_softmax(-1) if loss is nn.functional.nll_loss else logits, y, **kw)
+
+    out = {}
+    for ours in (True, False):
+        leaf = w.clone().requires_grad_()
+        with F._batchable(torch.device("cpu")) if ours else contextlib.nullcontext():
+            value = vmap(f)(leaf)
+        (grad,) = torch.autograd.grad(value.sum(), leaf)
+        out[ours] = (value.detach(), grad)
+    assert len(served) == 1 and (served[0] is not None) == ruled  # the rule served the batched call, or left it
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+def test_a_cpu_batched_run_does_not_import_sympy():
+    """A K > 1 run's first batched step pays no import of sympy (0.3-0.9 s on the 2-core machines, which a K = 1 run
+    never pays): the class-index cross-entropy under vmap goes through forward._Rules, not torch._check."""
+    code = (
+        "import sys, torch, lrfast\n"
+        "before = 'sympy' in sys.modules\n"
+        "x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+        "r = lrfast.find(m, [(x, y)] * 4, strategy='grid', candidates=4, steps=6, forward='vmap', progress=False)\n"
+        "assert r.info['forward'].startswith('vmap (K=4)'), r.info['forward']\n"
+        "print(before, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    if before == "True":
+        pytest.skip("sympy is imported with torch / lrfast here: nothing left to save")
+    assert after == "False"

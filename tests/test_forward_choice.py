@@ -195,15 +195,18 @@ def test_auto_that_runs_out_of_steps_before_deciding_says_so():
 
 
 def _row_clock(monkeypatch, vmap_ms: dict, loop_ms: float):
-    """auto's clock advanced by vmap_ms[m] milliseconds a candidate for a batched call of m rows and by loop_ms a
-    candidate for the loop (and by nothing else); returns the calls, in order: ("vmap", rows) or ("loop", first
-    candidate)."""
+    """auto's clock advanced by vmap_ms[m] milliseconds a candidate for a batched call of m rows (a list: one value
+    per call of m rows, the last repeated) and by loop_ms a candidate for the loop (and by nothing else); returns the
+    calls, in order: ("vmap", rows) or ("loop", first candidate)."""
     now, calls, vmap_call, loop = [Fraction(0)], [], F.BatchedStep._vmap_call, F.BatchedStep._loop
 
     def batched(self, item, rows=None):
         m = rows or self.arena.k
+        ms = vmap_ms[m]
+        if isinstance(ms, list):
+            ms = ms[min(sum(c == ("vmap", m) for c in calls), len(ms) - 1)]
         calls.append(("vmap", m))
-        now[0] += Fraction(vmap_ms[m]) * m / 1000
+        now[0] += Fraction(ms) * m / 1000
         return vmap_call(self, item, rows)
 
     def looped(self, item, start=0, state=None):
@@ -225,18 +228,30 @@ def _grid8(forward, steps=12, lrs=None):
 
 def test_auto_probes_the_batched_call_on_1_then_2_candidates_and_takes_the_loop_when_its_cost_grows(monkeypatch):
     """K = 8: the first steps batch candidate 0, then candidates 0-1, the others in the loop; 10 then 11 ms a
-    candidate batched extrapolates to 10 x 1.1^3 = 13.31 at 8, above CLOSE x the loop's 8: the loop runs the rest,
-    and no batched call of 8 rows is ever made."""
+    candidate batched extrapolates to 10 x 1.1^3 = 13.31 at 8, above CLOSE x the loop's 8: after one more timed
+    call at 2 that measures so again, the loop runs the rest, and no batched call of 8 rows is ever made."""
     calls = _row_clock(monkeypatch, {1: 10.0, 2: 11.0}, 8.0)
     auto = _grid8("auto")
-    probes = [("vmap", 1), ("loop", 1)] * 2 + [("vmap", 2), ("loop", 2)] * 2
-    assert calls == probes + [("loop", 0)] * 8
+    probes = [("vmap", 1), ("loop", 1)] * 2 + [("vmap", 2), ("loop", 2)] * 3
+    assert calls == probes + [("loop", 0)] * 7
     measured = ("measured the batched call (vmap) on 1 then 2 candidates at 10.00 then 11.00 ms a candidate, "
                 "extrapolated ~13.31 at 8 against the loop's 8.00 ms a candidate")  # fmt: skip
     assert auto.info["forward"] == f"loop (K=8): forward='auto' {measured}"
     assert any(n.startswith(f"the 8 candidates run as a per-candidate loop: forward='auto' {measured} (the batched")
                for n in auto.info["notes"])  # fmt: skip
-    assert auto.timings["forward_choice"] == pytest.approx((2 * (10 + 7 * 8) + 2 * (2 * 11 + 6 * 8)) / 1000)
+    assert auto.timings["forward_choice"] == pytest.approx((2 * (10 + 7 * 8) + 3 * (2 * 11 + 6 * 8)) / 1000)
+
+
+def test_auto_times_the_last_probe_twice_before_taking_the_loop_and_one_stalled_call_does_not_decide(monkeypatch):
+    """The first timed call on 2 candidates stalls (40 ms a candidate: 10 x 4^3 = 640 at 8, far above the loop's 8):
+    the loop is not chosen on it; the second, at 6 (the best of the two), extrapolates to ~2.16 at 8, clearly below
+    the loop: the full-K measurement decides, and keeps the batched call."""
+    calls = _row_clock(monkeypatch, {1: 10.0, 2: [6.0, 40.0, 6.0], 8: 3.0}, 8.0)
+    auto = _grid8("auto")
+    probes = [("vmap", 1), ("loop", 1)] * 2 + [("vmap", 2), ("loop", 2)] * 3
+    assert calls[:10] == probes and calls[10:14] == [("vmap", 8), ("loop", 0), ("loop", 0), ("vmap", 8)]
+    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 64.00 ms a step as a loop, 24.00 ms batched "
+                                    "(vmap)")  # fmt: skip
 
 
 def test_auto_probes_larger_while_undecided_then_measures_at_k_and_keeps_the_faster(monkeypatch):
@@ -255,8 +270,8 @@ def test_auto_takes_the_loop_when_the_last_probe_extrapolates_to_no_win_at_k(mon
     ~8.03 at 8, within CLOSE of the loop's 8 but not below it: the loop runs the rest, no full-K batched call."""
     calls = _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 8.5}, 8.0)
     auto = _grid8("auto")
-    probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2]
-    assert calls == probes + [("loop", 0)] * 6
+    probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2] + [("vmap", 4), ("loop", 4)]
+    assert calls == probes + [("loop", 0)] * 5
     assert auto.info["forward"] == ("loop (K=8): forward='auto' measured the batched call (vmap) on 1 then 2 then 4 "
                                     "candidates at 10.00 then 9.00 then 8.50 ms a candidate, extrapolated ~8.03 at 8 "
                                     "against the loop's 8.00 ms a candidate")  # fmt: skip

@@ -318,17 +318,28 @@ class BatchedStep:
             check_finite(loss)
         if timed:
             n = self._loop_ran
-            self.probes.append((m, 1e3 * (t1 - t0) / m, 1e3 * (t2 - t1) / n if n else None))
-            self._after_probe()
+            probe = (m, 1e3 * (t1 - t0) / m, 1e3 * (t2 - t1) / n if n else None)
+            again = bool(self.probes) and self.probes[-1][0] == m  # _after_probe's second timed call at this size
+            if again:  # the best of the two
+                _, b, lp = self.probes.pop()
+                looped = [x for x in (lp, probe[2]) if x is not None]
+                probe = (m, min(b, probe[1]), min(looped) if looped else None)
+            self.probes.append(probe)
+            self._after_probe(again)
         return loss
 
-    def _after_probe(self) -> None:
+    def _after_probe(self, again: bool = False) -> None:
         """After a timed probe on m candidates: the batched call's cost a candidate at K, extrapolated from its last
         two sizes (the same factor per doubling); at or above CLOSE x the loop's cost a candidate the loop runs the
         rest, at or below 1 / CLOSE x the full-K measurement (MEASURE) decides, in between the next probe (2m) does;
         with no larger probe left (2m > K / 2: one doubling from K), the loop runs the rest when the extrapolation is
         at or above its cost, else the full-K measurement decides (costs a candidate that stay flat near the loop's,
-        the char GPT's, would otherwise run it: 10 of a 20-step run measured at K = 8)."""
+        the char GPT's, would otherwise run it: 10 of a 20-step run measured at K = 8). The loop is chosen only on
+        the best of two timed calls at the last size (`again`: this was the second): one call the machine stalled
+        in (the digits MLP at K = 16 in a fresh process, 1 run in 4 or 5 on the 2-core EPYC: 7.3 or 17 ms a
+        candidate at 2 against 3.0 at 1 and ~1 for the steady batched call) would otherwise run 16 candidates as a
+        loop, 0.88x their K = 1 runs; a cost that truly grows (a conv net's) measures so twice, for one more
+        step of the loop's cost and a 2-row batched call."""
         k = self.arena.k
         looped = [lp for *_, lp in self.probes if lp is not None]
         if len(self.probes) < 2 or not looped:  # the first size, or every looped candidate stopped: go on
@@ -338,6 +349,9 @@ class BatchedStep:
         at_k = b1 * (b1 / b0) ** (np.log2(k / m1) / np.log2(m1 / m0))
         last = 2 * m1 > k // 2
         if at_k >= (1 if last else CLOSE) * loop:
+            if not again:
+                self.measure[:0] = [("probe", True, m1)]
+                return
             sizes = " then ".join(str(m) for m, *_ in self.probes)
             costs = " then ".join(f"{b:.2f}" for _, b, _ in self.probes)
             measured = (f"measured the batched call (vmap) on {sizes} candidates at {costs} ms a candidate, "
@@ -866,20 +880,33 @@ def _batchable(device: torch.device):
     """The batched call's ops on a CPU arena: scaled_dot_product_attention on its math kernel (the CPU flash kernel
     has no batching rule: vmap runs it once per candidate and warns; the math kernel's ops all batch; same maths,
     other rounding; measured equal speed at 4 candidates of a 2-head toy attention on the 2-core CPU), and linear
-    layers as _LinearWxT computes them (compiled too: Dynamo traces the mode)."""
+    layers and class-index cross-entropy / NLL losses as _Rules computes them (compiled too: Dynamo traces the
+    mode)."""
     if device.type != "cpu":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    stack.enter_context(_LinearWxT())
+    stack.enter_context(_Rules())
     return stack
 
 
-class _LinearWxT(TorchFunctionMode):
-    """F.linear(x, w, b) inside the batched call, with w one of the stacked parameters (batched) and x of 1 or 2
-    dims, computed as (w @ x^T)^T + b. vmap's rule for F.linear runs x @ w^T, whose weight grad comes out transposed
+_LOSS_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+
+
+class _Rules(TorchFunctionMode):
+    """Two functions computed otherwise inside the batched call on a CPU arena, each to the same values.
+
+    F.cross_entropy and F.nll_loss with class-index targets, no class weights and no label smoothing: as
+    log_softmax (cross-entropy) and the ops of torch's own nll_loss_forward decomposition (_nll_loss_forward), which
+    vmap runs for nll_loss, without its torch._check, whose first call in a process imports
+    torch.fx.experimental.symbolic_shapes and sympy: 0.3 s of a K > 1 run's first step on the 2-core EPYC (0.40 s of
+    a cold 20-step digits MLP run at K = 8 against 0.10 without; ~0.9 s on the Xeon), which a K = 1 run never pays.
+    The same ops on the same values: loss and grads bitwise those of vmap's rule.
+
+    F.linear(x, w, b) with w one of the stacked parameters (batched) and x of 1 or 2 dims, computed as
+    (w @ x^T)^T + b. vmap's rule for F.linear runs x @ w^T, whose weight grad comes out transposed
     (memory [K, in, out] for [K, out, in]): its bmm ran at ~55 % of a contiguous one's rate and the grads' copy into
     the arena was a transposing one. As w @ x^T a shared input's layer is one GEMM of x with the K weights stacked
     [K * out, in], every weight grad is one contiguous GEMM, and the next layer's input is contiguous as its x^T.
@@ -889,6 +916,10 @@ class _LinearWxT(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is nn.functional.cross_entropy or func is nn.functional.nll_loss:
+            out = _class_nll(func is nn.functional.cross_entropy, {**dict(zip(_LOSS_ARGS, args)), **kwargs})
+            if out is not None:
+                return out
         if func is nn.functional.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -897,6 +928,34 @@ class _LinearWxT(TorchFunctionMode):
                 out = out.mT if x.dim() == 2 else out
                 return out if b is None else out + b
         return func(*args, **kwargs)
+
+
+def _class_nll(log_softmax: bool, a: dict) -> torch.Tensor | None:
+    """_Rules' loss: cross-entropy (`log_softmax`) or NLL of a batched [N, C] or [C] input and an int64 target [N]
+    or [] as torch's nll_loss_forward decomposition computes it; None where the call is another kind (class weights,
+    label smoothing, probabilities as targets, other target dtypes, autocast, more dims, the legacy size_average /
+    reduce), left to vmap's rule."""
+    x, t = a.get("input"), a.get("target")
+    reduction, ignore = a.get("reduction", "mean"), a.get("ignore_index", -100)
+    if not (isinstance(x, torch.Tensor) and isinstance(t, torch.Tensor) and is_batchedtensor(x)):
+        return None
+    if a.get("weight") is not None or a.get("size_average") is not None or a.get("reduce") is not None:
+        return None
+    if a.get("label_smoothing", 0.0) != 0.0 or reduction not in ("mean", "sum", "none") or type(ignore) is not int:
+        return None
+    if x.dim() not in (1, 2) or t.dim() != x.dim() - 1 or t.dtype is not torch.int64:
+        return None
+    if (x.dim() == 2 and x.shape[0] != t.shape[0]) or torch.is_autocast_enabled(x.device.type):
+        return None
+    ch = x.dim() - 1
+    if log_softmax:
+        x = torch.log_softmax(x, ch, x.dtype)  # cross_entropy_loss: nll_loss(log_softmax(input, 1, its dtype))
+    valid = t != ignore
+    picked = -torch.gather(x, ch, torch.where(valid, t, 0).unsqueeze(ch)).squeeze(ch)
+    picked = torch.where(valid, picked, 0)
+    if reduction == "none":
+        return picked
+    return picked.sum() if reduction == "sum" else picked.sum() / valid.sum().to(x)
 
 
 def _clone_buffers(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
