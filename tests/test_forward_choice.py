@@ -2,8 +2,9 @@
 measures both on the run's first steps (a warm-up of each, then a timed call of each, interleaved, and one more
 timed pair when the first is close) and keeps the batched call only where it measured faster than the loop; with
 K >= 4 candidates sharing their masks, probes come first (the first 1, 2, ... candidates batched, the others
-looped), and a batched call whose cost a candidate cannot win at K is never run at K. The measured steps are steps
-of the run, so the measurement costs only the slower mode's extra time."""
+looped), a batched call whose cost a candidate cannot win at K is never run at K, and one that can is timed at K
+against the loop's cost a candidate in the probes (the loop timed at K only when the two are close). The measured
+steps are steps of the run, so the measurement costs only the slower mode's extra time."""
 
 from __future__ import annotations
 
@@ -245,23 +246,36 @@ def test_auto_probes_the_batched_call_on_1_then_2_candidates_and_takes_the_loop_
 def test_auto_times_the_last_probe_twice_before_taking_the_loop_and_one_stalled_call_does_not_decide(monkeypatch):
     """The first timed call on 2 candidates stalls (40 ms a candidate: 10 x 4^3 = 640 at 8, far above the loop's 8):
     the loop is not chosen on it; the second, at 6 (the best of the two), extrapolates to ~2.16 at 8, clearly below
-    the loop: the full-K measurement decides, and keeps the batched call."""
+    the loop: the batched call at K decides, and is kept."""
     calls = _row_clock(monkeypatch, {1: 10.0, 2: [6.0, 40.0, 6.0], 8: 3.0}, 8.0)
     auto = _grid8("auto")
     probes = [("vmap", 1), ("loop", 1)] * 2 + [("vmap", 2), ("loop", 2)] * 3
-    assert calls[:10] == probes and calls[10:14] == [("vmap", 8), ("loop", 0), ("loop", 0), ("vmap", 8)]
-    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 64.00 ms a step as a loop, 24.00 ms batched "
-                                    "(vmap)")  # fmt: skip
+    assert calls == probes + [("vmap", 8)] * 7
+    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 24.00 ms a step batched (vmap) against "
+                                    "~64.00 as a loop (8 x its 8.00 ms a candidate in the probes)")  # fmt: skip
 
 
 def test_auto_probes_larger_while_undecided_then_measures_at_k_and_keeps_the_faster(monkeypatch):
     """10 then 9 ms a candidate (at 8: ~7.29, between the loop's 8 / CLOSE and 8 x CLOSE): one more probe, on 4
-    candidates; 6.5 there extrapolates to ~4.69, clearly below the loop: the full measurement at K = 8 decides."""
+    candidates; 6.5 there extrapolates to ~4.69, clearly below the loop: the batched call at K = 8 (a warm-up and a
+    timed call) against the loop's 8 ms a candidate in the probes decides, no loop step of 8 candidates run."""
     calls = _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 6.5, 8: 4.0}, 8.0)
     auto = _grid8("auto")
     probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2]
-    assert calls == probes + [("vmap", 8), ("loop", 0), ("loop", 0), ("vmap", 8)] + [("vmap", 8)] * 2
-    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 64.00 ms a step as a loop, 32.00 ms batched "
+    assert calls == probes + [("vmap", 8)] * 6
+    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 32.00 ms a step batched (vmap) against "
+                                    "~64.00 as a loop (8 x its 8.00 ms a candidate in the probes)")  # fmt: skip
+
+
+def test_auto_after_the_probes_times_the_loop_at_k_when_the_batched_call_at_k_is_close(monkeypatch):
+    """The probes leave the batched call a chance (6.5 on 4 extrapolates to ~4.69 at 8), but at K it measures 7 ms a
+    candidate, 56 against ~64 as a loop: within CLOSE, so one timed pair at K (a loop warm-up, the loop, the batched
+    call) decides, the loop measured at K this time."""
+    calls = _row_clock(monkeypatch, {1: 10.0, 2: 9.0, 4: 6.5, 8: 7.0}, 8.0)
+    auto = _grid8("auto")
+    probes = [c for m in (1, 2, 4) for c in [("vmap", m), ("loop", m)] * 2]
+    assert calls == probes + [("vmap", 8)] * 2 + [("loop", 0), ("loop", 0), ("vmap", 8)] + [("vmap", 8)]
+    assert auto.info["forward"] == ("vmap (K=8): forward='auto' measured 64.00 ms a step as a loop, 56.00 ms batched "
                                     "(vmap)")  # fmt: skip
 
 

@@ -8,9 +8,10 @@ candidates can run:
   one autograd backward of the K losses' sum, the grads copied into the arena. Where vmap cannot serve a model
   (data-dependent control flow, .item(), unstackable batches, recurrent layers...) a per-candidate loop runs
   instead (K calls of the model itself, candidate k's parameters and grads pointed at row k of the arena);
-  forward="auto" times both on the run's first steps (MEASURE) and keeps the batched call only where it measured
-  faster than the loop; recurrent models, and on a CPU models running convolutions or attention and any 2
-  candidates, take the loop at once (unbatchable); `mode`, `why` and `notes` say which ran and why. Stopped
+  forward="auto" times both on the run's first steps (MEASURE; after probes, the batched call at K against the
+  loop's cost a candidate in them: AT_K) and keeps the batched call only where it measured faster than the loop;
+  recurrent models, and on a CPU models running convolutions or attention and any 2 candidates, take the loop at
+  once (unbatchable); `mode`, `why` and `notes` say which ran and why. Stopped
   candidates are left out (`alive`): the loop skips them, the batched call runs the rows up to the last live one,
   and auto's batched call hands over to the loop once that is cheaper.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
@@ -174,6 +175,7 @@ class BatchedStep:
         self.ms: dict[str, list[float]] = {}  # timed calls' milliseconds per mode
         self.ms_row: dict[str, list[float]] = {}  # the same per candidate row the call ran (_rows_run)
         self.choice, self.measured_s = "", 0.0
+        self._paired = False  # _pick ran one more timed pair
         self._loop_calls = 0
         self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
         self._loop_buffers: list[dict] = []
@@ -239,12 +241,24 @@ class BatchedStep:
         return loss
 
     def _pick(self) -> None:
-        loop, vm = min(self.ms["loop"]), min(self.ms["vmap"])
-        if len(self.ms["loop"]) == 1 and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
+        """The faster mode from the timed calls: the batched call's at K against the loop's, timed at K, or after
+        the probes from its cost a candidate there (AT_K) for the candidates it would run; close (within CLOSE),
+        one more timed pair at K decides."""
+        vm = min(self.ms["vmap"])
+        if "loop" in self.ms:
+            loop = min(self.ms["loop"])
+            measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
+                        f"{', best of 2 each' if len(self.ms['loop']) > 1 else ''}")  # fmt: skip
+        else:
+            live = self._live()
+            n = self.arena.k if live is None else int(live.sum())
+            loop = n * min(self.ms_row["loop"])
+            measured = (f"measured {vm:.2f} ms a step batched (vmap) against ~{loop:.2f} as a loop ({n} x its "
+                        f"{min(self.ms_row['loop']):.2f} ms a candidate in the probes)")  # fmt: skip
+        if not self._paired and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
+            self._paired = True
             self.measure = list(TIMED_PAIR)
             return
-        measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
-                    f"{', best of 2 each' if len(self.ms['loop']) > 1 else ''}")  # fmt: skip
         if loop <= vm:
             self.mode, self.why = "loop", f"forward='auto' {measured}"
             self.notes.append(f"the {self.arena.k} candidates run as a per-candidate loop: forward='auto' {measured} "
@@ -363,6 +377,9 @@ class BatchedStep:
                               "batched call")  # fmt: skip
         elif at_k > loop / CLOSE and not last:
             self.measure[:0] = _probe_steps(2 * m1)
+        else:  # the batched call at K, against the loop's cost a candidate in the probes (_pick)
+            self.measure = list(AT_K)
+            self.ms_row["loop"] = [loop]
 
     def _hand_over(self) -> None:
         """forward='auto' kept the batched call. Once candidates stop, the loop runs only the n still running and the
@@ -849,6 +866,10 @@ def _loop_note(k: int, why: str) -> str:
 # OpenMP threads it woke spin for milliseconds on the cores the loop's threads start on (_Threads)
 MEASURE = (("vmap", False, None), ("loop", False, None), ("loop", True, None), ("vmap", True, None))
 TIMED_PAIR = (("loop", False, None), *MEASURE[2:])
+# after probes that leave the batched call a chance, only it is timed at K (a warm-up, then a timed call) against
+# the loop's cost a candidate they measured on K - m candidates each: the digits MLP at K = 16 saves two 15 ms loop
+# steps (of ~7 batched) of its 100
+AT_K = (("vmap", False, None), ("vmap", True, None))
 CLOSE = 1.25
 # K >= PROBE_FROM with shared masks: probes first (_probe: m = 1, 2, ... candidates batched, a warm-up and a timed
 # call each), so that a batched call that cannot win is not run at full K

@@ -35,6 +35,7 @@ class HostFused:
         # them (`grads`); None: none may (none that large, or fp16 / bf16 masters)
         self.direct: list[bool] | None = None
         self._pieces: list | None = None  # _handed(): (segment, first column, end, parameter index or None)
+        self._column_views: dict = {}  # _views()
         direct = [arena.k * p.numel() >= DIRECT_FROM for s in arena.segments for p in s.params]
         if any(direct) and all(s.master is None for s in arena.segments):
             self.direct = direct
@@ -71,9 +72,15 @@ class HostFused:
             g = None if i is None else grads[i]
             g = s.g[:, a:b] if g is None else g.reshape(g.shape[0], -1)
             rows = g.shape[0]
-            seg_lr = (lr if s.lr_scale == 1.0 else lr * s.lr_scale)[:rows]
-            state = {name: t[:rows, a:b] for name, t in s.state.items()}
-            self._kernel(s, s.p[:rows, a:b], g, state, seg_lr, step)
+            p, state = self._views(s, a, b, rows)
+            self._kernel(s, p, g, state, (lr if s.lr_scale == 1.0 else lr * s.lr_scale)[:rows], step)
+
+    def _views(self, s, a: int, b: int, rows: int) -> tuple[torch.Tensor, dict]:
+        """Columns [a, b) of the first `rows` rows of s.p and its state, made once per (columns, rows)."""
+        key = (id(s), a, rows)
+        if key not in self._column_views:
+            self._column_views[key] = (s.p[:rows, a:b], {name: t[:rows, a:b] for name, t in s.state.items()})
+        return self._column_views[key]
 
     def _columns(self) -> list:
         """[(segment, first column, end, the handed parameter's index or None for a run of the others)], made once."""
