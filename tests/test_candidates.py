@@ -263,14 +263,18 @@ def test_batched_linear_runs_as_w_xT_with_contiguous_weight_grads_equal_to_each_
     assert torch.equal(out3, vmap(torch.nn.functional.linear, in_dims=(None, 0, 0))(x3, w, b))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adamw_groups"])
 def test_batched_steps_hand_autograds_grads_to_the_update_with_the_curves_of_copying_them(monkeypatch, optimizer):
     """The batched call hands the large parameters' grads to the fused update as autograd made them (no copy into
     the arena; update.DIRECT_FROM): the same kernel per element on the same values, so the curves are bitwise those
-    of the copying path, also once the highest LRs stop and the call runs only the rows up to the last live one."""
+    of the copying path, also once the highest LRs stop and the call runs only the rows up to the last live one, and
+    with param groups (one arena segment each, their own LR ratio and weight decay)."""
     from lrfast.engine import update
 
     model, batches = digits_mlp_batches()
+    if optimizer == "adamw_groups":
+        optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                                       {"params": model[2].parameters(), "lr": 3e-3, "weight_decay": 0.1}])
     lrs = np.geomspace(1e-3, 30.0, 6)
     handed_rows = []
     real = update.HostFused._handed
