@@ -50,3 +50,24 @@ def test_a_k1_run_on_a_padded_arena_equals_a_plain_loop_bitwise():
         opt.step()
         losses.append(loss.item())
     assert res.losses[0].tolist() == losses
+
+
+@pytest.mark.parametrize("threads, handed", [(2, [False, False, True, False, False, False]),
+                                             (8, [False] * 6)])  # fmt: skip
+def test_the_update_is_handed_only_grads_whose_own_call_keeps_the_segments_threads(threads, handed):
+    """HostFused reads a parameter's grads where autograd left them only where its kernel call runs on as many
+    threads as the whole segment's (2^19 elements a thread): at K = 32 the digits MLP's 2.7M elements split over 5
+    of 8 threads, its 256 x 256 weight's 2.1M over 4, so on 8 threads nothing is handed and the one call keeps them
+    all; on 2 the large weight's call uses both, the first layer's 0.5M would use one: not handed."""
+    from _helpers import torch_threads
+
+    from lrfast.kernels import cpu
+
+    if cpu.BACKEND != "cpp":
+        pytest.skip(f"the C++ kernels' thread split: {cpu.WHY}")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10))  # fmt: skip
+    arena = Arena(optimizers.resolve("adam", model), 32, torch.device("cpu"))
+    with torch_threads(threads):
+        updater = update.HostFused(arena)
+    assert (updater.direct or [False] * 6) == handed

@@ -5,9 +5,9 @@ mask [K] bool (False: the candidate stopped, or skips this step on an fp16 overf
 
 - HostFused: SGD / Adam / AdamW on lrfast._C or the reference (kernels/cpu.py), one call per segment for all K
   candidates; this step's LRs are read on the host. Or, where the batched call handed it autograd's own grads of
-  the large parameters (`direct`, BatchedStep.grads): one call per parameter over its columns of the arena reading
-  them where autograd left them (no copy into the arena: the digits MLP's K = 16 step 0.3-0.5 ms of ~9 faster), the
-  small ones' runs of columns from the arena, the last parameter first.
+  the large parameters (`direct`, DIRECT_FROM, BatchedStep.grads): one call per parameter over its columns of the
+  arena reading them where autograd left them (no copy into the arena: the digits MLP's K = 16 step 0.3-0.5 ms of
+  ~9 faster), the others' runs of columns from the arena, the last parameter first.
 - TritonFused: the same on the Triton kernels, which read the LR table and the step at the device counter, so the
   update is captured in the CUDA graph with the rest of the step.
 - TorchOptim: any other optimizer through torch.optim itself: the plan's private instance (K = 1) or one instance
@@ -22,7 +22,10 @@ from lrfast.engine.arena import Arena
 from lrfast.kernels import cpu as kernels
 
 # HostFused reads a parameter's grads where autograd left them from this many elements (all K rows) on: below, a
-# kernel call (~3 us) costs more than the copy into the arena it saves (~10 GB/s here: 3 us ~ 8k floats)
+# kernel call (~3 us) costs more than the copy into the arena it saves (~10 GB/s here: 3 us ~ 8k floats); and only
+# where its own call runs on as many threads as its segment's would (kernels.threads_for): a machine of many cores
+# whose one core reaches a fraction of its memory bandwidth would otherwise update a parameter of 1M elements on
+# one core where the whole arena's call used several
 DIRECT_FROM = 1 << 15
 
 
@@ -36,7 +39,11 @@ class HostFused:
         self.direct: list[bool] | None = None
         self._pieces: list | None = None  # _handed(): (segment, first column, end, parameter index or None)
         self._column_views: dict = {}  # _views()
-        direct = [arena.k * p.numel() >= DIRECT_FROM for s in arena.segments for p in s.params]
+        direct = []
+        for s in arena.segments:
+            threads = kernels.threads_for(arena.k * sum(p.numel() for p in s.params))
+            direct += [arena.k * p.numel() >= DIRECT_FROM and kernels.threads_for(arena.k * p.numel()) >= threads
+                       for p in s.params]  # fmt: skip
         if any(direct) and all(s.master is None for s in arena.segments):
             self.direct = direct
 

@@ -20,7 +20,7 @@ import torch
 from lrfast.kernels import reference
 from lrfast.kernels.reference import AdamParams, SGDParams
 
-__all__ = ["BACKEND", "WHY", "sgd_step", "adam_step", "SGDParams", "AdamParams"]
+__all__ = ["BACKEND", "WHY", "sgd_step", "adam_step", "threads_for", "SGDParams", "AdamParams"]
 
 try:
     _C = importlib.import_module("lrfast._C")  # not `from lrfast import _C`: lrfast/__init__ may still be importing
@@ -73,6 +73,14 @@ def _ld(t, shape) -> int | None:
     if (col != 1 and n > 1) or (row < n and k > 1):
         return None
     return row if k > 1 else n
+
+
+def threads_for(elements: int) -> int:
+    """How many threads a kernel call over this many live elements runs on now: the C++ kernels' split of
+    torch.get_num_threads() (a thread takes at least 2^19 elements), or torch's count for the reference (its torch
+    ops thread themselves)."""
+    n = torch.get_num_threads()
+    return _C.threads_for(elements, n) if _C is not None else n
 
 
 def sgd_step(p, g, buf, lr, step, hp: SGDParams) -> None:
