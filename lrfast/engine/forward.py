@@ -922,8 +922,8 @@ class _Rules(TorchFunctionMode):
     F.cross_entropy and F.nll_loss with class-index targets, no class weights and no label smoothing: as
     log_softmax (cross-entropy) and the ops of torch's own nll_loss_forward decomposition (_nll_loss_forward), which
     vmap runs for nll_loss, without its torch._check, whose first call in a process imports
-    torch.fx.experimental.symbolic_shapes and sympy: 0.3 s of a K > 1 run's first step on the 2-core EPYC (0.40 s of
-    a cold 20-step digits MLP run at K = 8 against 0.10 without; ~0.9 s on the Xeon), which a K = 1 run never pays.
+    torch.fx.experimental.symbolic_shapes and sympy: 0.3 s of a K > 1 run's first step on the 2-core EPYC (a cold
+    20-step digits MLP run at K = 8: 0.40 s, 0.04 with this rule; ~0.9 s on the Xeon), which a K = 1 run never pays.
     The same ops on the same values: loss and grads bitwise those of vmap's rule.
 
     F.linear(x, w, b) with w one of the stacked parameters (batched) and x of 1 or 2 dims, computed as
