@@ -3,7 +3,8 @@
 // Every buffer is an fp32 [K, N] array whose rows are contiguous (row k = candidate k's flat parameters, at row
 // stride `ld` for p, m, v, buf and `ldg` for g: one parameter's columns of a wider arena, and a grad autograd made)
 // passed as a raw address (an int from Tensor.data_ptr(): ~0.1 us per tensor, where Tensor.numpy() +
-// pybind11::array_t costs ~1 us), and lr is a float64 [K] array. lrfast/kernels/cpu.py checks dtype, device, contiguity and shapes before calling; nothing here
+// pybind11::array_t costs ~1 us), and lr is a float64 [K] array. lrfast/kernels/cpu.py checks dtype, device, the
+// rows' contiguity and strides, and shapes before calling; nothing here
 // can check them again. A row whose lr is exactly 0 is frozen: it is neither read nor written.
 //
 // The per-element maths copies torch.optim's single-tensor (foreach=False) path op by op, in fp32, with the scalars
@@ -428,13 +429,15 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("k"), py::arg("n"), py::arg("ld"), py::arg("ldg"), py::arg("step"), py::arg("beta1"),
           py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("threads"),
           "One Adam/AdamW step on fp32 [k, n] buffers at the given addresses, rows ld apart (g's ldg); lr: float64 "
-          "[k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through lrfast.kernels.cpu.adam_step.");
+          "[k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through "
+          "lrfast.kernels.cpu.adam_step.");
   mod.def("sgd_step", &sgd_step, py::arg("p"), py::arg("g"), py::arg("buf"), py::arg("lr"), py::arg("k"),
-          py::arg("n"), py::arg("ld"), py::arg("ldg"), py::arg("step"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+          py::arg("n"), py::arg("ld"), py::arg("ldg"), py::arg("step"), py::arg("momentum"), py::arg("dampening"),
+          py::arg("nesterov"),
           py::arg("weight_decay"), py::arg("threads"),
           "One SGD step on fp32 [k, n] buffers at the given addresses, rows ld apart (g's ldg; buf = 0 when "
-          "momentum == 0); lr: float64 [k]; at most `threads` threads. Rows with lr == 0 are left untouched. No checks: call through "
-          "lrfast.kernels.cpu.sgd_step.");
+          "momentum == 0); lr: float64 [k]; at most `threads` threads. Rows with lr == 0 are left untouched. No "
+          "checks: call through lrfast.kernels.cpu.sgd_step.");
   mod.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction set the kernels run with now.");
   mod.def(
       "supported_isas",

@@ -23,23 +23,22 @@ class Segment:
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 for low-precision parameters
     master: torch.Tensor | None = None  # [K, N] fp32 master weights of bf16 / fp16 parameters (p is their rounding)
 
+    def columns(self) -> list[tuple[int, int]]:
+        """Each parameter's columns [first, end) of the segment's rows."""
+        out, offset = [], 0
+        for param in self.params:
+            out.append((offset, offset + param.numel()))
+            offset += param.numel()
+        return out
+
     def views(self, flat: torch.Tensor, k: int) -> list[torch.Tensor]:
         """Candidate k's per-parameter views into `flat` (self.p or self.g), shaped like the parameters."""
-        row, out, offset = flat[k], [], 0
-        for param in self.params:
-            n = param.numel()
-            out.append(row[offset : offset + n].view(param.shape))
-            offset += n
-        return out
+        row = flat[k]
+        return [row[a:b].view(param.shape) for param, (a, b) in zip(self.params, self.columns())]
 
     def stacked(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views [K, *shape] of all candidates (for a batched forward)."""
-        out, offset = [], 0
-        for param in self.params:
-            n = param.numel()
-            out.append(flat[:, offset : offset + n].view(flat.shape[0], *param.shape))
-            offset += n
-        return out
+        return [flat[:, a:b].view(flat.shape[0], *param.shape) for param, (a, b) in zip(self.params, self.columns())]
 
 
 def backend_for(kind: str, device: torch.device) -> tuple[str, str | None]:

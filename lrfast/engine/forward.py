@@ -11,9 +11,9 @@ candidates can run:
   forward="auto" times both on the run's first steps (MEASURE; after probes, the batched call at K against the
   loop's cost a candidate in them: AT_K) and keeps the batched call only where it measured faster than the loop;
   recurrent models, and on a CPU models running convolutions or attention and any 2 candidates, take the loop at
-  once (unbatchable); `mode`, `why` and `notes` say which ran and why. Stopped
-  candidates are left out (`alive`): the loop skips them, the batched call runs the rows up to the last live one,
-  and auto's batched call hands over to the loop once that is cheaper.
+  once (unbatchable); `mode`, `why` and `notes` say which ran and why. Stopped candidates are left out (`alive`):
+  the loop skips them, the batched call runs the rows up to the last live one, and auto's batched call hands over
+  to the loop once that is cheaper.
   The user's model is never written: its parameters and buffers are only swapped for the call (state.Slots: every
   alias, put back also on an exception).
 - Accumulate: N micro-batches per step, grads and losses averaged.
@@ -175,7 +175,6 @@ class BatchedStep:
         self.ms: dict[str, list[float]] = {}  # timed calls' milliseconds per mode
         self.ms_row: dict[str, list[float]] = {}  # the same per candidate row the call ran (_rows_run)
         self.choice, self.measured_s = "", 0.0
-        self._paired = False  # _pick ran one more timed pair
         self._loop_calls = 0
         self._loop_rows: list | None = None  # _rows(): the loop's views, made at its first call
         self._loop_buffers: list[dict] = []
@@ -242,21 +241,20 @@ class BatchedStep:
 
     def _pick(self) -> None:
         """The faster mode from the timed calls: the batched call's at K against the loop's, timed at K, or after
-        the probes from its cost a candidate there (AT_K) for the candidates it would run; close (within CLOSE),
-        one more timed pair at K decides."""
+        the probes from its cost a candidate there (AT_K) for the candidates it would run; close (within CLOSE) after
+        the one timed batched call MEASURE and AT_K make, one more timed pair at K decides."""
         vm = min(self.ms["vmap"])
         if "loop" in self.ms:
             loop = min(self.ms["loop"])
             measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
                         f"{', best of 2 each' if len(self.ms['loop']) > 1 else ''}")  # fmt: skip
         else:
-            live = self._live()
+            live, row = self._live(), min(self.ms_row["loop"])
             n = self.arena.k if live is None else int(live.sum())
-            loop = n * min(self.ms_row["loop"])
+            loop = n * row
             measured = (f"measured {vm:.2f} ms a step batched (vmap) against ~{loop:.2f} as a loop ({n} x its "
-                        f"{min(self.ms_row['loop']):.2f} ms a candidate in the probes)")  # fmt: skip
-        if not self._paired and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
-            self._paired = True
+                        f"{row:.2f} ms a candidate in the probes)")  # fmt: skip
+        if len(self.ms["vmap"]) == 1 and 1 / CLOSE < vm / loop < CLOSE:  # close: one more timed pair decides
             self.measure = list(TIMED_PAIR)
             return
         if loop <= vm:

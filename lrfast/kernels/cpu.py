@@ -64,15 +64,11 @@ def _c_ready(lr, step, g, p, *state) -> tuple[int, int] | None:
 
 
 def _ld(t, shape) -> int | None:
-    """The row stride of an fp32 CPU tensor of this [K, N] shape whose rows are contiguous and do not overlap (N for
-    one row); else None."""
-    if not (t.dtype is _F32 and t.is_cpu and t.shape == shape):
+    """The row stride of an fp32 CPU tensor of this [K, N] shape whose rows are contiguous and do not overlap
+    (reference.rows_contiguous; N for one row); else None."""
+    if not (t.dtype is _F32 and t.is_cpu and t.shape == shape and reference.rows_contiguous(t)):
         return None
-    k, n = shape
-    row, col = t.stride()
-    if (col != 1 and n > 1) or (row < n and k > 1):
-        return None
-    return row if k > 1 else n
+    return t.stride(0) if shape[0] > 1 else shape[1]
 
 
 def threads_for(elements: int) -> int:

@@ -108,7 +108,7 @@ def check_like(p: torch.Tensor, named: list[tuple[str, torch.Tensor]], rows: boo
             raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
         if t.device != p.device:
             raise ValueError(f"{name} must be on p's device {p.device}, got {t.device}")
-        if rows and not _rows_contiguous(t):
+        if rows and not rows_contiguous(t):
             raise ValueError(f"{name} must have contiguous rows that do not overlap (stride 1 along N, a row stride "
                              f"of at least N; got strides {t.stride()}); pass {name}.contiguous() (and copy results "
                              "back)")  # fmt: skip
@@ -116,7 +116,9 @@ def check_like(p: torch.Tensor, named: list[tuple[str, torch.Tensor]], rows: boo
             raise ValueError(f"{name} must be contiguous; pass {name}.contiguous() (and copy results back)")
 
 
-def _rows_contiguous(t: torch.Tensor) -> bool:
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """A 2-D tensor's rows are each contiguous and do not overlap (the backends' contract; kernels/cpu.py's C++
+    path reads the row stride)."""
     k, n = t.shape
     return (t.stride(1) == 1 or n <= 1) and (t.stride(0) >= n or k <= 1)
 
