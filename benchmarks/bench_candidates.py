@@ -9,14 +9,16 @@ runs and the compute floor, for K in 1, 2, 4, 8, 16, 32 (Adam, 100 steps unless 
 - loader: the digits MLP fed by a map-style Dataset whose __getitem__ does deterministic per-sample CPU work (a few
   numpy blur passes per 8x8 image), calibrated at start to cost ~10x the K = 1 MLP step per batch of 64, as JPEG
   decoding + augmentation does for a small model.
-lrfast runs strategy="grid" (K fixed LRs, geomspace 1e-4 -> 1e-2), early stop off, so every run does the same S
-steps; torch-lr-finder runs its exp range test 1e-4 -> 1e-2 over S steps (compare.run_torch_lr_finder), early stop
-off. ms/step is the wall-clock of the whole call(s) (set-up, steps, restore) divided by S: for the sequential
-contestants the sum over the K runs. Every run gets a fresh model with the same seed and a fresh seeded loader
-(compare.fresh). Within each K the contestants are interleaved round by round, best of N (the 2-core machines swing
-up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the FLOPs of one forward + backward at the
-workload's batch (torch.utils.flop_counter) at the fp32 matmul rate measured in this process (1024 x 1024 matmul);
-it ignores the loader and the optimizer step.
+lrfast runs strategy="grid" (K fixed LRs, geomspace 1e-4 -> 1e-2), early stop off, so every run does the same S steps;
+torch-lr-finder runs its exp range test 1e-4 -> 1e-2 over S steps (compare.run_torch_lr_finder), early stop off. For
+the digits MLP on CPU a fourth contestant, `handwritten`, trains the same K candidates on the same batches with that
+one model written out by hand (explicit batched GEMMs, no vmap, no autograd, lrfast's C++ Adam): what this machine
+gives K candidates of that model without lrfast's generality. ms/step is the wall-clock of the whole call(s) (set-up,
+steps, restore) divided by S: for the sequential contestants the sum over the K runs. Every run gets a fresh model
+with the same seed and a fresh seeded loader (compare.fresh). Within each K the contestants are interleaved round by
+round, best of N (the 2-core machines swing up to 2x minute to minute: shared/PERF-NOTES.md). The floor is K x the
+FLOPs of one forward + backward at the workload's batch (torch.utils.flop_counter) at the fp32 matmul rate measured in
+this process (1024 x 1024 matmul); it ignores the loader and the optimizer step.
 
 With --device cuda every model, lrfast run and torch-lr-finder run is on the GPU (lrfast with its CUDA defaults:
 torch.compile and CUDA-graph capture inside each timed call) and the floor is the GPU's fp32 matmul rate.
@@ -67,7 +69,7 @@ EARLY_STOP, EARLY_STOP_MAX_LR = 4.0, 1.0  # --early-stop: lrfast's default thres
 LOADER_FACTOR = 10.0  # the loader-bound workload's per-batch cost, in K = 1 MLP steps
 # torch-lr-finder is skipped at a K whose estimated sequential time (from the previous K) passes this, per round
 TLF_BUDGET_S = 90.0
-CONTESTANTS = ("one_pass", "sequential", "torch_lr_finder")
+CONTESTANTS = ("one_pass", "sequential", "torch_lr_finder", "handwritten")
 
 
 class SlowDigits(Dataset):
@@ -159,7 +161,54 @@ def torch_lr_finder(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold
     return total, None, {}
 
 
-RUNNERS = {"one_pass": one_pass, "sequential": sequential, "torch_lr_finder": torch_lr_finder}
+def handwritten(dataset, wl: W.Workload, lrs, steps, device="cpu", threshold=None):
+    """The digits MLP's K-candidate grid written out by hand for this one model (mlp only, no early stop): the fresh
+    model's weights copied K times into one [K, N] buffer, forward and backward as explicit batched GEMMs on the
+    shared batch in the features x batch layout (the first layer one GEMM over the K weights stacked [K * 256, 64],
+    the others bmm / baddbmm), grads written in place into a [K, N] buffer, cross-entropy's gradient written out,
+    Adam by lrfast's fused C++ kernel over the whole buffer; no vmap, no autograd, no module calls, the S batches
+    taken as lrfast takes them. What a person writing K candidates of this model by hand gets from this machine:
+    lrfast's one pass against it is what lrfast's generality (any model, identity restore, auto choice) costs."""
+    from lrfast.batches import take
+    from lrfast.kernels import cpu as kernels
+
+    model, loader = fresh(dataset, wl.model, Settings(batch_size=wl.batch_size, device=device))
+    gc.collect()
+    t0 = time.perf_counter()
+    params = list(model.parameters())  # Linear 64->256, 256->256, 256->10: weight, bias each
+    sizes = [p.numel() for p in params]
+    k = len(lrs)
+    p = torch.cat([q.detach().reshape(-1) for q in params]).repeat(k, 1)
+    g, m, v = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    w1, b1, w2, b2, w3, b3 = (t.view(k, *q.shape) for t, q in zip(p.split(sizes, 1), params))
+    gw1, gb1, gw2, gb2, gw3, gb3 = (t.view(k, *q.shape) for t, q in zip(g.split(sizes, 1), params))
+    lr, hp = torch.tensor(np.asarray(lrs, dtype=np.float64)), kernels.AdamParams()
+    losses = torch.empty(steps, k)
+    for t, (x, y) in enumerate(take(loader, steps)):
+        batch = x.shape[0]
+        idx = y.view(1, 1, batch).expand(k, 1, batch)
+        h1 = torch.addmm(b1.reshape(-1, 1), w1.reshape(-1, x.shape[1]), x.mT).view(k, -1, batch).relu_()
+        h2 = torch.baddbmm(b2[:, :, None], w2, h1).relu_()
+        z = torch.baddbmm(b3[:, :, None], w3, h2)  # [K, classes, batch]
+        logp = torch.log_softmax(z, 1)
+        picked = logp.gather(1, idx)
+        losses[t] = -picked.mean((1, 2))
+        d3 = logp.exp_().scatter_add_(1, idx, torch.full_like(picked, -1.0)).div_(batch)
+        torch.bmm(d3, h2.mT, out=gw3)
+        torch.sum(d3, 2, out=gb3)
+        d2 = torch.bmm(w3.mT, d3).mul_(h2 > 0)
+        torch.bmm(d2, h1.mT, out=gw2)
+        torch.sum(d2, 2, out=gb2)
+        d1 = torch.bmm(w2.mT, d2).mul_(h1 > 0)
+        gw1.copy_(torch.mm(d1.view(-1, batch), x).view(gw1.shape))
+        torch.sum(d1, 2, out=gb1)
+        kernels.adam_step(p, g, m, v, lr, t + 1, hp)
+    return time.perf_counter() - t0, losses.T.numpy().astype(float), {}
+
+
+RUNNERS = {"one_pass": one_pass, "sequential": sequential, "torch_lr_finder": torch_lr_finder,
+           "handwritten": handwritten}  # fmt: skip
+HANDWRITTEN = ("mlp",)  # the workloads the handwritten contestant is written for (on CPU, without early stop)
 
 
 # ---------------------------------------------------------------------------------------------- floor
@@ -203,14 +252,15 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
     flops = step_flops(dataset, wl)
     tlf_missing = "is left out with --early-stop" if early_stop else missing("torch_lr_finder")  # optional peer
     threshold, max_lr = (EARLY_STOP, EARLY_STOP_MAX_LR) if early_stop else (None, MAX_LR)
-    for name in CONTESTANTS:  # warm-up: imports, vmap tracing caches, thread pools
-        if not (name == "torch_lr_finder" and tlf_missing):
-            RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, max_lr, 2), 5, device, threshold)
+    contestants = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and tlf_missing) and not (
+        c == "handwritten" and (workload not in HANDWRITTEN or early_stop or device != "cpu"))]  # fmt: skip
+    for name in contestants:  # warm-up: imports, vmap tracing caches, thread pools
+        RUNNERS[name](dataset, wl, np.geomspace(MIN_LR, max_lr, 2), 5, device, threshold)
     rows, tlf_prev = [], None
     for k in ks:
         lrs = np.geomspace(MIN_LR, max_lr, k) if k > 1 else np.array([1e-3])
         skip_tlf = tlf_prev is not None and tlf_prev[1] * k / tlf_prev[0] > TLF_BUDGET_S
-        names = [c for c in CONTESTANTS if not (c == "torch_lr_finder" and (skip_tlf or tlf_missing))]
+        names = [c for c in contestants if not (c == "torch_lr_finder" and skip_tlf)]
         best = {c: float("inf") for c in names}
         curves, info = {}, {}
         for r in range(repeats):
@@ -225,9 +275,13 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
             tlf_prev = (k, best["torch_lr_finder"])
         # stopped steps are NaN on both sides (the runs stop at the same steps but where rounding differs)
         rel = float(np.nanmax(np.abs(curves["one_pass"] - curves["sequential"]) / np.abs(curves["sequential"])))
+        hand = curves.get("handwritten")  # its first steps: another grouping of the same sums, which high LRs amplify
+        rel_hand = (float(np.max(np.abs(hand - curves["one_pass"])[:, :10] / curves["one_pass"][:, :10]))
+                    if hand is not None else "")  # fmt: skip
         stopped = int(np.sum(np.isnan(curves["one_pass"][:, -1])))
         ms = {c: 1e3 * t / steps for c, t in best.items()}
         tlf = ms.get("torch_lr_finder", float("nan"))
+        hw = ms.get("handwritten", float("nan"))
         note = (f"torch-lr-finder skipped: {tlf_prev[1] * k / tlf_prev[0]:.0f} s a round estimated from K = "
                 f"{tlf_prev[0]}" if skip_tlf else "")  # fmt: skip
         note = f"torch-lr-finder {tlf_missing}" if tlf_missing else note
@@ -235,6 +289,8 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                "k": k, "steps": steps,
                "forward": info.get("forward", ""), "ms_per_step_one_pass": ms["one_pass"],
                "ms_per_step_sequential": ms["sequential"], "ms_per_step_sequential_torch_lr_finder": tlf,
+               "ms_per_step_handwritten": hw, "one_pass_vs_handwritten": ms["one_pass"] / hw,
+               "speedup_handwritten_vs_sequential": ms["sequential"] / hw,
                "ms_per_candidate_step_one_pass": ms["one_pass"] / k,
                "setup_ms_one_pass": 1e3 * info["timings"]["setup"],
                "speedup_vs_sequential": ms["sequential"] / ms["one_pass"], "speedup_vs_torch_lr_finder":
@@ -242,7 +298,8 @@ def bench_workload(workload: str, ks, steps: int, repeats: int, gflops: float, r
                "one_pass_vs_floor": ms["one_pass"] / (1e3 * k * flops / (gflops * 1e9)), "flops_per_step_k1": flops,
                "matmul_gflops": gflops, "loader_ms_per_batch": loader_ms if workload == "loader" else "",
                "loader_rounds": rounds if workload == "loader" else "", "mlp_k1_steps_phase_ms_per_step": k1_ms,
-               "max_rel_diff_curves": rel, "early_stop_threshold": threshold or "", "stopped_candidates": stopped,
+               "max_rel_diff_curves": rel, "max_rel_diff_handwritten_10_steps": rel_hand,
+               "early_stop_threshold": threshold or "", "stopped_candidates": stopped,
                "repeats": repeats, "note": note, **report.conditions(device)}  # fmt: skip
         print(
             f"{workload} K={k}: one pass {ms['one_pass']:.2f} ms/step, sequential {ms['sequential']:.2f}, "
@@ -292,8 +349,11 @@ def _shapes(rows: list[dict]) -> str:
 def write_md(out: Path, stem: str = "candidates") -> None:
     rows = read_csv(out, stem)
     cols = ["workload", "k", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
-            "ms_per_step_sequential_torch_lr_finder", "floor_ms_per_step", "speedup_vs_sequential",
-            "speedup_vs_torch_lr_finder", "one_pass_vs_floor", "max_rel_diff_curves"]  # fmt: skip
+            "ms_per_step_sequential_torch_lr_finder", "ms_per_step_handwritten", "floor_ms_per_step",
+            "speedup_vs_sequential", "speedup_vs_torch_lr_finder", "speedup_handwritten_vs_sequential",
+            "one_pass_vs_handwritten", "one_pass_vs_floor", "max_rel_diff_curves"]  # fmt: skip
+    if not any(r.get("ms_per_step_handwritten") not in (None, "", "nan") for r in rows):
+        cols = [c for c in cols if "handwritten" not in c]
     if rows[0].get("early_stop_threshold"):
         cols = [c for c in cols if "torch_lr_finder" not in c] + ["stopped_candidates"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -309,6 +369,10 @@ def write_md(out: Path, stem: str = "candidates") -> None:
                  f"calls, best of {c['repeats']}, contestants interleaved within each K. "
                  f"Floor: K x {{fwd+bwd FLOPs}} at {float(c['matmul_gflops']):.0f} GFLOP/s (1024^3 fp32 matmul, "
                  "same process).")  # fmt: skip
+    if "ms_per_step_handwritten" in cols:
+        lines.append("Handwritten (digits MLP only): K candidates of that one model written out by hand as batched "
+                     "GEMMs, no vmap, no autograd, lrfast's C++ Adam (bench_candidates.handwritten); its curves equal "
+                     "the one pass's over the first 10 steps to max_rel_diff_handwritten_10_steps in the CSV.")
     if loader:
         lines.append(
             f"Loader-bound: {float(loader[0]['loader_ms_per_batch']):.2f} ms per batch of 64 in "
@@ -330,6 +394,7 @@ def write_png(out: Path, stem: str = "candidates") -> None:
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     series = {"ms_per_step_one_pass": "lrfast, K in one pass", "ms_per_step_sequential": "K x lrfast K=1",
               "ms_per_step_sequential_torch_lr_finder": "K x torch-lr-finder",
+              "ms_per_step_handwritten": "K written out by hand",
               "floor_ms_per_step": "compute floor"}  # fmt: skip
     cols = min(3, len(workloads))
     rows_n = -(-len(workloads) // cols)
@@ -339,7 +404,7 @@ def write_png(out: Path, stem: str = "candidates") -> None:
     for ax, wl in zip(axes.flat, workloads):
         sub = [r for r in rows if r["workload"] == wl]
         for col, label in series.items():
-            pts = [(int(r["k"]), float(r[col])) for r in sub if r[col] and np.isfinite(float(r[col]))]
+            pts = [(int(r["k"]), float(r[col])) for r in sub if r.get(col) and np.isfinite(float(r[col]))]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ls="--" if col == "floor_ms_per_step" else "-", label=label)
         ax.set(xscale="log", yscale="log", title=wl, xlabel="K (candidate LRs)", ylabel="ms per step")
