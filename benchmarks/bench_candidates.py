@@ -348,6 +348,15 @@ def _shapes(rows: list[dict]) -> str:
     return "; ".join(f"{w}: {v}" for w, v in per.items())
 
 
+def _repeats(rows: list[dict]) -> str:
+    """The rounds each workload's times are the best of: "2", or "5 (digits_mlp_64-256-256-10), 2 (the others)"
+    where --merge re-ran some with another --repeats."""
+    per = {r["workload"]: r["repeats"] for r in rows}
+    usual = max(set(per.values()), key=list(per.values()).count)
+    rest = [f"{n} ({w})" for w, n in per.items() if n != usual]
+    return ", ".join(rest + [f"{usual} (the others)"]) if rest else usual
+
+
 def write_md(out: Path, stem: str = "candidates") -> None:
     rows = read_csv(out, stem)
     cols = ["workload", "k", "forward", "ms_per_step_one_pass", "ms_per_step_sequential",
@@ -370,7 +379,7 @@ def write_md(out: Path, stem: str = "candidates") -> None:
     loader = [r for r in rows if r.get("loader_ms_per_batch")]
     lines.append(f"\n{c['device']}, {c['cores']} cores, {c['threads']} threads, torch {c['torch']}, lrfast "
                  f"{c['lrfast']}, {report.provenance(rows)}; Adam; {_shapes(rows)}; wall-clock of whole "
-                 f"calls, best of {c['repeats']}, contestants interleaved within each K. "
+                 f"calls, best of {_repeats(rows)}, contestants interleaved within each K. "
                  f"Floor: K x {{fwd+bwd FLOPs}} at {float(c['matmul_gflops']):.0f} GFLOP/s (1024^3 fp32 matmul, "
                  "same process).")  # fmt: skip
     lines.append("max_rel_diff_curves_10_steps, max_rel_diff_curves: the largest relative difference between a "
