@@ -353,8 +353,9 @@ def _repeats(rows: list[dict]) -> str:
     where --merge re-ran some with another --repeats."""
     per = {r["workload"]: r["repeats"] for r in rows}
     usual = max(set(per.values()), key=list(per.values()).count)
-    rest = [f"{n} ({w})" for w, n in per.items() if n != usual]
-    return ", ".join(rest + [f"{usual} (the others)"]) if rest else usual
+    rest = {n: [w for w, m in per.items() if m == n] for n in dict.fromkeys(per.values()) if n != usual}
+    return ", ".join([f"{n} ({', '.join(ws)})" for n, ws in rest.items()] + [f"{usual} (the others)"]) if rest else (
+        usual)  # fmt: skip
 
 
 def write_md(out: Path, stem: str = "candidates") -> None:
