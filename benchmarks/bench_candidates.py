@@ -352,7 +352,8 @@ def _repeats(rows: list[dict]) -> str:
     """The rounds each workload's times are the best of: "2", or "5 (digits_mlp_64-256-256-10), 2 (the others)"
     where --merge re-ran some with another --repeats."""
     per = {r["workload"]: r["repeats"] for r in rows}
-    usual = max(set(per.values()), key=list(per.values()).count)
+    counts = list(per.values())
+    usual = max(dict.fromkeys(counts), key=counts.count)  # the most workloads' (a tie: the first seen)
     rest = {n: [w for w, m in per.items() if m == n] for n in dict.fromkeys(per.values()) if n != usual}
     return ", ".join([f"{n} ({', '.join(ws)})" for n, ws in rest.items()] + [f"{usual} (the others)"]) if rest else (
         usual)  # fmt: skip

@@ -143,6 +143,15 @@ def test_candidates_quick_run_writes_time_vs_k_with_equal_curves(tmp_path):
     assert (tmp_path / "candidates.md").exists() and (tmp_path / "candidates.png").stat().st_size > 0
 
 
+def test_candidates_md_says_each_workloads_rounds_when_merged_runs_differ():
+    from benchmarks.bench_candidates import _repeats
+
+    rows = [{"workload": w, "repeats": n} for w, n in [("mlp", "5"), ("mlp", "5"), ("lenet", "2"), ("cnn", "4"),
+                                                        ("gpt", "2"), ("lstm", "4")]]  # fmt: skip
+    assert _repeats(rows) == "5 (mlp), 4 (cnn, lstm), 2 (the others)"
+    assert _repeats([{"workload": "mlp", "repeats": "2"}, {"workload": "cnn", "repeats": "2"}]) == "2"
+
+
 def test_rangetest_quick_run_writes_both_contestants_per_workload(tmp_path):
     from benchmarks import bench_rangetest
 
