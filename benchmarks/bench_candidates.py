@@ -354,9 +354,10 @@ def _repeats(rows: list[dict]) -> str:
     per = {r["workload"]: r["repeats"] for r in rows}
     counts = list(per.values())
     usual = max(dict.fromkeys(counts), key=counts.count)  # the most workloads' (a tie: the first seen)
-    rest = {n: [w for w, m in per.items() if m == n] for n in dict.fromkeys(per.values()) if n != usual}
-    return ", ".join([f"{n} ({', '.join(ws)})" for n, ws in rest.items()] + [f"{usual} (the others)"]) if rest else (
-        usual)  # fmt: skip
+    rest = {n: [w for w, m in per.items() if m == n] for n in dict.fromkeys(counts) if n != usual}
+    if not rest:
+        return usual
+    return ", ".join([f"{n} ({', '.join(ws)})" for n, ws in rest.items()] + [f"{usual} (the others)"])
 
 
 def write_md(out: Path, stem: str = "candidates") -> None:

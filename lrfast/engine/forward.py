@@ -251,9 +251,9 @@ class BatchedStep:
         vm, twice = min(self.ms["vmap"]), len(self.ms["vmap"]) > 1
         if "loop" in self.ms:
             loop = min(self.ms["loop"])
-            best = {(True, True): ", best of 2 each", (False, True): ", the batched call best of 2"}
-            measured = (f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap)"
-                        f"{best.get((len(self.ms['loop']) > 1, twice), '')}")  # fmt: skip
+            best = (", best of 2 each" if len(self.ms["loop"]) > 1 else  # a timed pair: both timed twice
+                    ", the batched call best of 2" if twice else "")  # fmt: skip
+            measured = f"measured {loop:.2f} ms a step as a loop, {vm:.2f} ms batched (vmap){best}"
         else:
             live, row = self._live(), min(self.ms_row["loop"])
             n = self.arena.k if live is None else int(live.sum())
